@@ -1,0 +1,206 @@
+"""The mergekit binding: WUDI's spec, its parameters, and the per-tensor kernel.
+
+Linear-layer weights (see ``tensor_rules``) get the WUDI solve; every other
+tensor gets task arithmetic with the same weights and ``lambda``:
+``W_base + lambda * tau_m``, ``tau_m`` solved from ``weight_i * (W_i - W_base)``.
+"""
+
+import math
+from enum import Enum
+from typing import Any, Callable, List, Sequence, Type
+
+import torch
+from pydantic import BeforeValidator
+from typing_extensions import Annotated
+
+from mergekit.merge_methods.base import (
+    BasePolicy,
+    FunctionalGroupMergeMethod,
+    InputContract,
+    MergeMethodSpec,
+    ParameterScope,
+    ParameterSpec,
+    TensorEntry,
+    TensorGroup,
+)
+from mergekit_wudi import solver
+from mergekit_wudi.tensor_rules import ApplyWudi, Layout, wudi_layout
+
+METHOD_NAME = "wudi"
+
+
+class Solver(str, Enum):
+    ADAM = "adam"  # the paper's method (Algorithm 1)
+    CLOSED_FORM = "closed_form"  # WUDI-CFS, Eq. 20
+
+
+DEFAULT_OMEGA = 1e-4
+
+
+# mergekit validates parameters while planning, before any tensor is read; these
+# validators make that error name the parameter and the value at fault.
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"wudi parameter {name!r} must be a number, got {value!r}")
+    try:
+        number = float(value)  # YAML reads 1e-5 as the string "1e-5"
+    except ValueError:
+        raise ValueError(
+            f"wudi parameter {name!r} must be a number, got {value!r}"
+        ) from None
+    if not math.isfinite(number):
+        raise ValueError(f"wudi parameter {name!r} must be finite, got {value!r}")
+    return number
+
+
+def _finite(name: str) -> Callable[[Any], float]:
+    return lambda value: _number(name, value)
+
+
+def _positive(name: str) -> Callable[[Any], float]:
+    def check(value: Any) -> float:
+        number = _number(name, value)
+        if number <= 0:
+            raise ValueError(f"wudi parameter {name!r} must be > 0, got {value!r}")
+        return number
+
+    return check
+
+
+def _count(name: str) -> Callable[[Any], int]:
+    def check(value: Any) -> int:
+        number = _number(name, value)
+        if number < 0 or number != int(number):
+            raise ValueError(
+                f"wudi parameter {name!r} must be a non-negative integer, got {value!r}"
+            )
+        return int(number)
+
+    return check
+
+
+def _choice(name: str, choices: Type[Enum]) -> Callable[[Any], Enum]:
+    def check(value: Any) -> Enum:
+        try:
+            return choices(value)
+        except ValueError:
+            allowed = ", ".join(choice.value for choice in choices)
+            raise ValueError(
+                f"wudi parameter {name!r} must be one of {allowed}; got {value!r}"
+            ) from None
+
+    return check
+
+
+def _parameter(name: str, check: Callable[[Any], Any], default: Any, scope=ParameterScope.SHARED):
+    return ParameterSpec(
+        name=name,
+        value_type=Annotated[Any, BeforeValidator(check)],
+        scope=scope,
+        default=default,
+    )
+
+
+PARAMETERS = (
+    _parameter("weight", _finite("weight"), 1.0, ParameterScope.NON_BASE),
+    _parameter("lambda", _finite("lambda"), 1.0),
+    _parameter("iterations", _count("iterations"), solver.DEFAULT_ITERATIONS),
+    _parameter("learning_rate", _positive("learning_rate"), solver.DEFAULT_LEARNING_RATE),
+    _parameter("solver", _choice("solver", Solver), Solver.ADAM),
+    _parameter("omega", _positive("omega"), DEFAULT_OMEGA),
+    _parameter("apply_wudi", _choice("apply_wudi", ApplyWudi), ApplyWudi.AUTO),
+    _parameter("layout", _choice("layout", Layout), Layout.AUTO),
+)
+
+
+class TaskVectors(Sequence[torch.Tensor]):
+    """``weight_i * (W_i - W_base)`` in float32, in the solve's ``[out, in]`` view.
+
+    Each is made when read, so peak memory does not grow with the number of experts.
+    """
+
+    def __init__(self, base: torch.Tensor, experts: List[torch.Tensor], weights: List[float], transpose: bool, dtype: torch.dtype):
+        self.base = base.to(dtype)
+        self.experts = experts
+        self.weights = weights
+        self.transpose = transpose
+        self.dtype = dtype
+
+    def __len__(self) -> int:
+        return len(self.experts)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        tau = (self.experts[index].to(self.dtype) - self.base).mul_(self.weights[index])
+        return tau.T if self.transpose else tau
+
+
+def check_finite(group: TensorGroup) -> None:
+    for entry in group.entries:
+        if entry.tensor.is_floating_point() and not torch.isfinite(entry.tensor).all():
+            role = "base model" if entry.is_base else "model"
+            raise ValueError(
+                f"wudi: tensor {group.metadata.name!r} of {role} {entry.id}"
+                " contains NaN or Inf; refusing to merge it"
+            )
+
+
+def wudi_kernel(group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
+    check_finite(group)
+    base = group.base.tensor
+    lam = parameters["lambda"]
+    # Experts that leave this tensor untouched (or weigh 0) contribute nothing.
+    contributing: List[TensorEntry] = [
+        entry
+        for entry in group.non_base
+        if parameters["weight"][entry.id] != 0 and not torch.equal(entry.tensor, base)
+    ]
+    if not contributing:
+        return base
+    weights = [parameters["weight"][entry.id] for entry in contributing]
+    if len(contributing) == 1 and lam * weights[0] == 1:
+        # The solve's exact answer is that expert; return it bit for bit.
+        return contributing[0].tensor
+
+    layout = wudi_layout(
+        group.metadata.name,
+        base.shape,
+        group.metadata.vocabulary_axis,
+        parameters["apply_wudi"],
+        parameters["layout"],
+    )
+    dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
+    task_vectors = TaskVectors(
+        base, [entry.tensor for entry in contributing], weights,
+        transpose=layout == Layout.IN_OUT, dtype=dtype,
+    )
+    if layout is None:
+        merged = sum(task_vectors)
+    elif parameters["solver"] == Solver.CLOSED_FORM:
+        merged = solver.wudi_closed_form(task_vectors, omega=parameters["omega"])
+    else:
+        merged = solver.wudi_adam(
+            task_vectors,
+            iterations=parameters["iterations"],
+            learning_rate=parameters["learning_rate"],
+        )
+    if layout == Layout.IN_OUT:
+        merged = merged.T
+    result = (base.to(merged.dtype) + lam * merged).to(base.dtype)
+    if not torch.isfinite(result).all():
+        raise ValueError(
+            f"wudi: merged tensor {group.metadata.name!r} does not fit in {base.dtype}"
+            " (overflow to Inf); lower lambda or merge in a wider dtype"
+        )
+    return result
+
+
+wudi_merge = FunctionalGroupMergeMethod(
+    MergeMethodSpec(
+        name=METHOD_NAME,
+        pretty_name="WUDI-Merging",
+        reference_url="https://arxiv.org/abs/2503.08099",
+        parameters=PARAMETERS,
+        contract=InputContract(base=BasePolicy.REQUIRED),
+    ),
+    wudi_kernel,
+)

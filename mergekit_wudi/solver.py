@@ -1,0 +1,195 @@
+"""WUDI-Merging solvers (arXiv 2503.08099): pure tensor math, no mergekit.
+
+For one linear weight with task vectors ``tau_i`` (``[out, in]``, ``y = W x``),
+WUDI minimises (paper Eq. 21)
+
+    L(tau_m) = sum_i ||(tau_m - tau_i) tau_i^T||_F^2 / ||tau_i||_F^2
+
+from ``tau_m = sum_i tau_i`` with Adam. Writing ``u_i = tau_i / ||tau_i||_F``,
+
+    grad L = 2 (tau_m C - D),  C = sum_i u_i^T u_i  [in, in],  D = sum_i tau_i u_i^T u_i,
+
+so a step is one matmul whatever the number of experts N (the authors' loop forms
+N ``[out, out]`` products and back-propagates through them). Where ``in > 2 N out``
+the factored product ``(tau_m S^T) S`` with ``S`` the stacked ``u_i`` is cheaper
+than ``C`` and smaller too. Either way the memory does not grow with N beyond ``C``.
+"""
+
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+# Paper defaults (Section 4.1): Adam, lr 1e-5, 300 steps; betas/eps are PyTorch's.
+DEFAULT_ITERATIONS = 300
+DEFAULT_LEARNING_RATE = 1e-5
+
+# Adam's second moment holds grad**2, and grad scales with the task vectors. In
+# float32 it overflows above ~1e19 and flushes to zero below ~1e-19, so task
+# vectors outside this range are solved in float64, where both are exact.
+FLOAT32_SAFE_RANGE = (1e-15, 1e15)
+
+
+@dataclass(frozen=True)
+class InterferenceStatistics:
+    """Everything the WUDI loss needs, accumulated one task vector at a time.
+
+    ``gram`` is C; when ``rows`` is set instead, C = rows^T rows (stacked form).
+    """
+
+    initial: torch.Tensor  # sum_i tau_i: Adam's starting point
+    target: torch.Tensor  # D
+    gram: Optional[torch.Tensor]
+    rows: Optional[torch.Tensor]
+    weighted_sum: torch.Tensor  # sum_i tau_i / ||tau_i||^2 (closed form only)
+    weight_total: float  # sum_i 1 / ||tau_i||^2 (closed form only)
+    active: int  # task vectors that are not all zero
+
+
+def prefers_stacked_form(out_features: int, in_features: int, experts: int) -> bool:
+    """Stacked ``(tau_m S^T) S`` costs 2 N out^2 in per step, Gram ``tau_m C`` out in^2."""
+    return 2 * experts * out_features < in_features
+
+
+def interference_statistics(
+    task_vectors: Iterable[torch.Tensor],
+    *,
+    stacked: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> InterferenceStatistics:
+    """Accumulate C, D and the sums over task vectors, each read once.
+
+    All-zero task vectors carry no direction (the paper's weight 1/||tau||^2 would
+    be infinite); they add nothing, which is also their exact share of the sum.
+    """
+    initial = target = gram = weighted_sum = None
+    rows = []
+    weight_total = 0.0
+    active = 0
+    for tau in task_vectors:
+        tau = tau.to(dtype)
+        if initial is None:
+            initial = torch.zeros_like(tau)
+            target = torch.zeros_like(tau)
+            weighted_sum = torch.zeros_like(tau)
+            if not stacked:
+                gram = tau.new_zeros((tau.shape[1], tau.shape[1]))
+        # The norm is taken in float64 so tiny and huge task vectors keep theirs.
+        norm = torch.linalg.vector_norm(tau, dtype=torch.float64).item()
+        if norm == 0.0:
+            continue
+        active += 1
+        unit = tau / norm
+        initial += tau
+        weighted_sum.add_(unit, alpha=1.0 / norm)
+        weight_total += 1.0 / norm**2
+        if stacked:
+            rows.append(unit)
+            target += (tau @ unit.T) @ unit
+        else:
+            unit_gram = unit.T @ unit
+            gram += unit_gram
+            target += tau @ unit_gram
+    if initial is None:
+        raise ValueError("WUDI needs at least one task vector")
+    return InterferenceStatistics(
+        initial=initial,
+        target=target,
+        gram=gram,
+        rows=torch.cat(rows) if stacked and rows else None,
+        weighted_sum=weighted_sum,
+        weight_total=weight_total,
+        active=active,
+    )
+
+
+def solve_dtype(task_vectors: Iterable[torch.Tensor]) -> torch.dtype:
+    """float32 unless the task vectors' scale would over/underflow Adam's state."""
+    largest = max(float(tau.abs().max()) if tau.numel() else 0.0 for tau in task_vectors)
+    low, high = FLOAT32_SAFE_RANGE
+    return torch.float32 if largest == 0.0 or low <= largest <= high else torch.float64
+
+
+def wudi_adam(
+    task_vectors: Sequence[torch.Tensor],
+    *,
+    iterations: int = DEFAULT_ITERATIONS,
+    learning_rate: float = DEFAULT_LEARNING_RATE,
+) -> torch.Tensor:
+    """Merged task vector tau_m after ``iterations`` Adam steps on Eq. 21.
+
+    ``task_vectors`` is read twice (scale check, then statistics), so it may be a
+    lazy sequence that computes each one on demand: peak memory then does not
+    grow with N. Returns float32 (float64 for extreme magnitudes, see
+    ``FLOAT32_SAFE_RANGE``) on the task vectors' device.
+    """
+    if not task_vectors:
+        raise ValueError("WUDI needs at least one task vector")
+    out_features, in_features = task_vectors[0].shape
+    stats = interference_statistics(
+        task_vectors,
+        stacked=prefers_stacked_form(out_features, in_features, len(task_vectors)),
+        dtype=solve_dtype(task_vectors),
+    )
+    if stats.active <= 1 or iterations == 0:
+        # One expert: tau_m = tau_1 is an exact zero of the gradient, so Adam
+        # would never move; skip the rounding noise of evaluating it.
+        return stats.initial
+    return _adam_descent(stats, iterations, learning_rate)
+
+
+def _adam_descent(
+    stats: InterferenceStatistics, iterations: int, learning_rate: float
+) -> torch.Tensor:
+    merged = stats.initial.clone()
+    # torch.optim.Adam itself, fed the analytic gradient: the update rule is
+    # PyTorch's to the bit, as in the authors' autograd loop.
+    optimizer = torch.optim.Adam([merged], lr=learning_rate)
+    merged.grad = gradient = torch.empty_like(merged)
+    # Doubling C (or S) and D once makes each gradient one fused multiply-add:
+    # tau_m @ 2C - 2D == 2 (tau_m C - D) exactly, doubling being exact.
+    target = stats.target * 2
+    if stats.gram is not None:
+        gram = stats.gram * 2
+        for _ in range(iterations):
+            torch.addmm(target, merged, gram, beta=-1, out=gradient)
+            optimizer.step()
+    else:
+        rows, rows_doubled = stats.rows, stats.rows * 2
+        for _ in range(iterations):
+            torch.addmm(target, merged @ rows.T, rows_doubled, beta=-1, out=gradient)
+            optimizer.step()
+    merged.grad = None
+    return merged
+
+
+def wudi_closed_form(task_vectors: Sequence[torch.Tensor], *, omega: float) -> torch.Tensor:
+    """WUDI-CFS, paper Eq. 20: the ridge-regularised minimiser, ``omega > 0``.
+
+    tau_m (sum_i w_i (tau_i^T tau_i + omega I)) = sum_i w_i tau_i (tau_i^T tau_i + omega I),
+    w_i = 1/||tau_i||^2, i.e. tau_m (C + omega sum w I) = D + omega sum_i w_i tau_i.
+    """
+    if not task_vectors:
+        raise ValueError("WUDI needs at least one task vector")
+    stats = interference_statistics(task_vectors, dtype=solve_dtype(task_vectors))
+    if stats.active <= 1:
+        return stats.initial
+    system = stats.gram + torch.eye(
+        stats.gram.shape[0], dtype=stats.gram.dtype, device=stats.gram.device
+    ) * (omega * stats.weight_total)
+    rhs = stats.target + omega * stats.weighted_sum
+    # system is symmetric positive definite: X system = rhs  <=>  system X^T = rhs^T.
+    factor = torch.linalg.cholesky(system)
+    return torch.cholesky_solve(rhs.T, factor).T
+
+
+def interference_loss(merged: torch.Tensor, task_vectors: Iterable[torch.Tensor]) -> float:
+    """Eq. 21 evaluated directly (float64), zero task vectors contributing nothing."""
+    merged = merged.double()
+    total = 0.0
+    for tau in task_vectors:
+        tau = tau.double()
+        norm_sq = float((tau * tau).sum())
+        if norm_sq:
+            total += float(torch.linalg.matrix_norm((merged - tau) @ tau.T) ** 2) / norm_sq
+    return total
