@@ -23,9 +23,10 @@ class Layout(str, Enum):
     IN_OUT = "in_out"  # transformers' Conv1D
 
 
-# A dotted name segment that marks a lookup table or an output head.
+# A dotted name segment that marks a lookup table (T5's relative_attention_bias is
+# an embedding too) or an output head.
 _NOT_A_LINEAR_LAYER = re.compile(
-    r"(embed|^wte$|^wpe$|^lm_head$|^shared$|^classifier$|^score$)", re.IGNORECASE
+    r"(embed|bias|^wte$|^wpe$|^lm_head$|^shared$|^classifier$|^score$)", re.IGNORECASE
 )
 # transformers' GPT-2 Conv1D modules (weights stored [in, out]). OpenCLIP reuses
 # c_fc/c_proj names for ordinary Linear layers, but under "resblocks", not "h.N".

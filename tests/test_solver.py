@@ -1,0 +1,72 @@
+"""The Adam solver against the authors' formulation (tests/oracle.py)."""
+
+import pytest
+import torch
+
+from mergekit_wudi import solver
+from tests.oracle import authors_wudi, relative_error, structured_task_vectors
+
+SHAPES = [(64, 32), (32, 64), (16, 200)]  # in < out, in > out, stacked form
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 8])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_adam_equals_authors_formulation(count, shape):
+    taus = structured_task_vectors(count, *shape, seed=count)
+    merged = solver.wudi_adam(taus)
+    expected = authors_wudi(taus)
+    assert relative_error(merged, expected) < 1e-5
+    # The solve really moved: a no-op solver would fail here.
+    assert relative_error(sum(taus), expected) > 1e-2 or count == 1
+
+
+@pytest.mark.parametrize("iterations,learning_rate", [(1, 1e-5), (37, 3e-5), (120, 1e-4)])
+def test_iterations_and_learning_rate_are_honoured(iterations, learning_rate):
+    taus = structured_task_vectors(4, 40, 56, seed=7)
+    merged = solver.wudi_adam(taus, iterations=iterations, learning_rate=learning_rate)
+    expected = authors_wudi(taus, iterations=iterations, learning_rate=learning_rate)
+    assert relative_error(merged, expected) < 1e-5
+
+
+def test_both_forms_are_exercised_and_agree():
+    # 2 * N * out < in selects the stacked form; force both on the same input.
+    taus = structured_task_vectors(3, 12, 100, seed=3)
+    assert solver.prefers_stacked_form(12, 100, 3)
+    assert not solver.prefers_stacked_form(100, 12, 3)
+    stacked = solver.interference_statistics(taus, stacked=True)
+    gram = solver.interference_statistics(taus, stacked=False)
+    assert stacked.gram is None and gram.rows is None
+    torch.testing.assert_close(stacked.rows.T @ stacked.rows, gram.gram, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stacked.target, gram.target, rtol=1e-5, atol=1e-9)
+
+
+def test_zero_iterations_is_the_sum():
+    taus = structured_task_vectors(3, 20, 30)
+    assert torch.equal(solver.wudi_adam(taus, iterations=0), taus[0] + taus[1] + taus[2])
+
+
+def test_one_expert_is_returned_exactly():
+    (tau,) = structured_task_vectors(1, 20, 30)
+    assert torch.equal(solver.wudi_adam([tau]), tau)
+
+
+def test_zero_task_vectors_are_skipped():
+    taus = structured_task_vectors(2, 24, 18, seed=5)
+    with_zero = solver.wudi_adam([taus[0], torch.zeros_like(taus[0]), taus[1]])
+    assert relative_error(with_zero, authors_wudi(taus)) < 1e-5
+    assert torch.equal(solver.wudi_adam([torch.zeros(4, 3)] * 3), torch.zeros(4, 3))
+
+
+def test_loss_decreases_from_the_sum():
+    taus = structured_task_vectors(4, 32, 32, seed=11)
+    before = solver.interference_loss(sum(taus), taus)
+    after = solver.interference_loss(solver.wudi_adam(taus), taus)
+    assert after < 0.5 * before
+
+
+def test_extreme_magnitudes_are_solved_in_float64():
+    taus = structured_task_vectors(2, 8, 6, scale=1e30)
+    assert solver.solve_dtype(taus) == torch.float64
+    assert solver.solve_dtype(structured_task_vectors(2, 8, 6)) == torch.float32
+    merged = solver.wudi_adam(taus)
+    assert merged.dtype == torch.float64 and torch.isfinite(merged).all()
