@@ -47,6 +47,16 @@ def _model_class(architecture: str):
     }[architecture]
 
 
+def save_tokenizer(path: Path, vocab_size: int) -> None:
+    """A word-level tokenizer over the tiny vocabulary, so the merge can copy one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab_size)}, unk_token="w0"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w0").save_pretrained(path)
+
+
 def perturb(model: torch.nn.Module, seed: int, scale: float = 0.02, rank: int = 4) -> None:
     """Add a fine-tuning-like update: low rank plus noise on matrices, noise elsewhere."""
     generator = torch.Generator().manual_seed(seed)
@@ -74,13 +84,13 @@ def write_family(
     # Mergekit reads the declared architecture; transformers 5 may leave it unset.
     model.config.architectures = [type(model).__name__]
     base_state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    paths = [directory / "base"]
-    model.save_pretrained(paths[0])
-    for index in range(1, experts + 1):
+    paths = [directory / "base"] + [directory / f"expert_{i}" for i in range(1, experts + 1)]
+    for index, path in enumerate(paths):
         model.load_state_dict(base_state)
-        perturb(model, seed=seed * 1000 + index)
-        paths.append(directory / f"expert_{index}")
-        model.save_pretrained(paths[-1])
+        if index:
+            perturb(model, seed=seed * 1000 + index)
+        model.save_pretrained(path)
+        save_tokenizer(path, model.config.vocab_size)
     return paths
 
 
