@@ -18,6 +18,7 @@ from mergekit.merge_methods.base import (
     FunctionalGroupMergeMethod,
     InputContract,
     MergeMethodSpec,
+    OptionalTensorPolicy,
     ParameterScope,
     ParameterSpec,
     TensorEntry,
@@ -176,12 +177,15 @@ def wudi_kernel(group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
     if layout is None:
         merged = sum(task_vectors)
     elif parameters["solver"] == Solver.CLOSED_FORM:
-        merged = solver.wudi_closed_form(task_vectors, omega=parameters["omega"])
+        merged = solver.wudi_closed_form(
+            task_vectors, omega=parameters["omega"], name=group.metadata.name
+        )
     else:
         merged = solver.wudi_adam(
             task_vectors,
             iterations=parameters["iterations"],
             learning_rate=parameters["learning_rate"],
+            name=group.metadata.name,
         )
     if layout == Layout.IN_OUT:
         merged = merged.T
@@ -200,7 +204,10 @@ wudi_merge = FunctionalGroupMergeMethod(
         pretty_name="WUDI-Merging",
         reference_url="https://arxiv.org/abs/2503.08099",
         parameters=PARAMETERS,
-        contract=InputContract(base=BasePolicy.REQUIRED),
+        # A merge with no expert is a configuration mistake, not a copy of the
+        # base; an optional weight only the base has is still passed through.
+        contract=InputContract(base=BasePolicy.REQUIRED, min_non_base=1),
+        optional_tensor_policy=OptionalTensorPolicy.PASSTHROUGH_BASE_SINGLETON,
     ),
     wudi_kernel,
 )

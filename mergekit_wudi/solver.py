@@ -15,10 +15,13 @@ the factored product ``(tau_m S^T) S`` with ``S`` the stacked ``u_i`` is cheaper
 than ``C`` and smaller too. Either way the memory does not grow with N beyond ``C``.
 """
 
+import logging
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
 import torch
+
+LOG = logging.getLogger(__name__)
 
 # Paper defaults (Section 4.1): Adam, lr 1e-5, 300 steps; betas/eps are PyTorch's.
 DEFAULT_ITERATIONS = 300
@@ -115,6 +118,7 @@ def wudi_adam(
     *,
     iterations: int = DEFAULT_ITERATIONS,
     learning_rate: float = DEFAULT_LEARNING_RATE,
+    name: Optional[str] = None,
 ) -> torch.Tensor:
     """Merged task vector tau_m after ``iterations`` Adam steps on Eq. 21.
 
@@ -122,6 +126,11 @@ def wudi_adam(
     lazy sequence that computes each one on demand: peak memory then does not
     grow with N. Returns float32 (float64 for extreme magnitudes, see
     ``FLOAT32_SAFE_RANGE``) on the task vectors' device.
+
+    Adam moves each entry by about ``learning_rate`` per step whatever the task
+    vectors' size, so on task vectors much smaller than that it overshoots. If
+    the loss ends above its value at the start, the start (the sum) is returned
+    and a warning naming ``name`` is logged.
     """
     if not task_vectors:
         raise ValueError("WUDI needs at least one task vector")
@@ -135,7 +144,30 @@ def wudi_adam(
         # One expert: tau_m = tau_1 is an exact zero of the gradient, so Adam
         # would never move; skip the rounding noise of evaluating it.
         return stats.initial
-    return _adam_descent(stats, iterations, learning_rate)
+    merged = _adam_descent(stats, iterations, learning_rate)
+    start, end = _loss_less_constant(stats, stats.initial), _loss_less_constant(stats, merged)
+    if end > start:
+        LOG.warning(
+            "wudi: Adam raised the interference loss of tensor %r (learning_rate %g is"
+            " too large for task vectors this small: their sum's largest entry is %.3g);"
+            " keeping the sum of the task vectors. Lower learning_rate to solve it.",
+            name, learning_rate, float(stats.initial.abs().max()),
+        )
+        return stats.initial
+    return merged
+
+
+def _loss_less_constant(stats: InterferenceStatistics, merged: torch.Tensor) -> float:
+    """Eq. 21 less its tau_m-free term: <tau_m, tau_m C - 2 D>.
+
+    The product is taken in the solve dtype (no float64 copy of C); the sum,
+    where the cancellation is, in float64.
+    """
+    if stats.gram is not None:
+        times_gram = merged @ stats.gram
+    else:
+        times_gram = (merged @ stats.rows.T) @ stats.rows
+    return float((merged.double() * (times_gram.double() - 2 * stats.target.double())).sum())
 
 
 def _adam_descent(
@@ -163,23 +195,47 @@ def _adam_descent(
     return merged
 
 
-def wudi_closed_form(task_vectors: Sequence[torch.Tensor], *, omega: float) -> torch.Tensor:
+# C is a sum of unit-trace Grams, so float32 rounds it to about 1e-7 of its trace
+# (the number of active experts). Where C is rank-deficient, tau_m along the
+# directions no task vector spans is decided by the ridge against that rounding:
+# the relative error is about 1e-7 / (ridge / trace). A ridge below 1e-4 of the
+# trace is therefore accumulated and solved in float64, and a system whose
+# smallest Cholesky pivot (an upper bound on its smallest eigenvalue) is below
+# 1e-12 of the trace is refused: float64 would be out of digits there too.
+FLOAT32_MIN_RELATIVE_RIDGE = 1e-4
+MIN_RELATIVE_PIVOT = 1e-12
+
+
+def wudi_closed_form(
+    task_vectors: Sequence[torch.Tensor], *, omega: float, name: Optional[str] = None
+) -> torch.Tensor:
     """WUDI-CFS, paper Eq. 20: the ridge-regularised minimiser, ``omega > 0``.
 
     tau_m (sum_i w_i (tau_i^T tau_i + omega I)) = sum_i w_i tau_i (tau_i^T tau_i + omega I),
     w_i = 1/||tau_i||^2, i.e. tau_m (C + omega sum w I) = D + omega sum_i w_i tau_i.
+    ``name`` only labels the error raised when omega is too small to solve.
     """
     if not task_vectors:
         raise ValueError("WUDI needs at least one task vector")
     stats = interference_statistics(task_vectors, dtype=solve_dtype(task_vectors))
     if stats.active <= 1:
         return stats.initial
+    ridge = omega * stats.weight_total
+    if stats.gram.dtype == torch.float32 and ridge < FLOAT32_MIN_RELATIVE_RIDGE * stats.active:
+        stats = interference_statistics(task_vectors, dtype=torch.float64)
     system = stats.gram + torch.eye(
         stats.gram.shape[0], dtype=stats.gram.dtype, device=stats.gram.device
-    ) * (omega * stats.weight_total)
+    ) * ridge
     rhs = stats.target + omega * stats.weighted_sum
     # system is symmetric positive definite: X system = rhs  <=>  system X^T = rhs^T.
-    factor = torch.linalg.cholesky(system)
+    factor, failed = torch.linalg.cholesky_ex(system)
+    if failed or float(factor.diagonal().min()) ** 2 < MIN_RELATIVE_PIVOT * stats.active:
+        raise ValueError(
+            f"wudi: tensor {name!r}: parameter 'omega' = {omega:g} is too small for"
+            " these task vectors, which span too few directions to solve Eq. 20"
+            f" without it (omega * mean 1/||tau_i||^2 = {ridge / stats.active:.3g});"
+            " raise omega"
+        )
     return torch.cholesky_solve(rhs.T, factor).T
 
 
