@@ -1,0 +1,50 @@
+"""WUDI-CFS (``wudi_closed_form``, paper Eq. 20) against independent references."""
+
+import pytest
+import torch
+
+from mergekit_wudi.solver import interference_loss, wudi_closed_form
+from tests.oracle import normal_equations_wudi_cfs, relative_error, structured_task_vectors
+
+# [out, in]: in > out (Gram rank-deficient without the ridge), in < out, square, in >> out.
+SHAPES = [(12, 20), (20, 12), (16, 16), (6, 40)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("count", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("omega", [1e-6, 1e-4, 1e-2])
+def test_closed_form_equals_eq20_normal_equations(shape, count, omega):
+    task_vectors = structured_task_vectors(count, *shape, seed=count)
+    expected = normal_equations_wudi_cfs(task_vectors, omega)
+    # float32 Cholesky against a float64 explicit inverse.
+    assert relative_error(wudi_closed_form(task_vectors, omega=omega), expected) < 2e-5
+
+
+def exact_minimiser(task_vectors) -> torch.Tensor:
+    """argmin of Eq. 21 as one least-squares problem, float64, minimum-norm.
+
+    sum_i ||X tau_i^T - tau_i tau_i^T||^2 / ||tau_i||^2 = ||X A - B||^2 with
+    A = [tau_i^T / ||tau_i||]_i and B = [tau_i tau_i^T / ||tau_i||]_i side by side.
+    """
+    taus = [tau.double() for tau in task_vectors]
+    inputs = torch.cat([tau.T / tau.norm() for tau in taus], dim=1)
+    targets = torch.cat([tau @ tau.T / tau.norm() for tau in taus], dim=1)
+    return torch.linalg.lstsq(inputs.T, targets.T, driver="gelsd").solution.T
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("count", [2, 3, 5])
+def test_tiny_omega_approaches_the_minimiser_of_eq21(shape, count):
+    task_vectors = structured_task_vectors(count, *shape, seed=count)
+    start = interference_loss(sum(task_vectors), task_vectors)
+    minimum = interference_loss(exact_minimiser(task_vectors), task_vectors)
+    assert minimum < start
+    losses = [
+        interference_loss(wudi_closed_form(task_vectors, omega=omega), task_vectors)
+        for omega in (1e-2, 1e-4, 1e-6, 1e-8, 1e-10)
+    ]
+    # A smaller ridge is a smaller bias towards the weighted mean of the tau_i ...
+    assert losses == sorted(losses, reverse=True)
+    # ... and the tiniest closes all but 1e-5 of the gap from the sum start to the minimum.
+    assert losses[-1] <= start
+    assert losses[-1] - minimum <= 1e-5 * (start - minimum)
