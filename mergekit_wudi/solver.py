@@ -26,6 +26,8 @@ LOG = logging.getLogger(__name__)
 # Paper defaults (Section 4.1): Adam, lr 1e-5, 300 steps; betas/eps are PyTorch's.
 DEFAULT_ITERATIONS = 300
 DEFAULT_LEARNING_RATE = 1e-5
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
 
 # Adam's second moment holds grad**2, and grad scales with the task vectors. In
 # float32 it overflows above ~1e19 and flushes to zero below ~1e-19, so task
@@ -173,25 +175,43 @@ def _loss_less_constant(stats: InterferenceStatistics, merged: torch.Tensor) -> 
 def _adam_descent(
     stats: InterferenceStatistics, iterations: int, learning_rate: float
 ) -> torch.Tensor:
+    """``iterations`` steps of Adam (PyTorch's defaults) on the analytic gradient.
+
+    The update is torch.optim.Adam's (its for-loop path, which its foreach path
+    equals) op for op and scalar for scalar, so the result is bit-identical to it,
+    as the authors' autograd loop would get from the same gradient;
+    tests/test_solver.py checks the bits. Written out, it fills one preallocated
+    buffer with the denominator where torch.optim.Adam allocates two fresh
+    tensors a step: on CPU, for a [3072, 768] weight, 11 ms a step instead of 28.
+    """
+    beta1, beta2 = ADAM_BETAS
     merged = stats.initial.clone()
-    # torch.optim.Adam itself, fed the analytic gradient: the update rule is
-    # PyTorch's to the bit, as in the authors' autograd loop.
-    optimizer = torch.optim.Adam([merged], lr=learning_rate)
-    merged.grad = gradient = torch.empty_like(merged)
+    gradient = torch.empty_like(merged)
+    first_moment = torch.zeros_like(merged)
+    second_moment = torch.zeros_like(merged)
+    denominator = torch.empty_like(merged)
     # Doubling C (or S) and D once makes each gradient one fused multiply-add:
     # tau_m @ 2C - 2D == 2 (tau_m C - D) exactly, doubling being exact.
     target = stats.target * 2
     if stats.gram is not None:
         gram = stats.gram * 2
-        for _ in range(iterations):
+
+        def fill_gradient():
             torch.addmm(target, merged, gram, beta=-1, out=gradient)
-            optimizer.step()
     else:
         rows, rows_doubled = stats.rows, stats.rows * 2
-        for _ in range(iterations):
+
+        def fill_gradient():
             torch.addmm(target, merged @ rows.T, rows_doubled, beta=-1, out=gradient)
-            optimizer.step()
-    merged.grad = None
+
+    for step in range(1, iterations + 1):
+        fill_gradient()
+        first_moment.lerp_(gradient, 1 - beta1)
+        second_moment.mul_(beta2).addcmul_(gradient, gradient, value=1 - beta2)
+        step_size = learning_rate / (1 - beta1**step)
+        torch.sqrt(second_moment, out=denominator)
+        denominator.div_((1 - beta2**step) ** 0.5).add_(ADAM_EPS)
+        merged.addcdiv_(first_moment, denominator, value=-step_size)
     return merged
 
 
