@@ -35,9 +35,6 @@ class Solver(str, Enum):
     CLOSED_FORM = "closed_form"  # WUDI-CFS, Eq. 20
 
 
-DEFAULT_OMEGA = 1e-4
-
-
 # mergekit validates parameters while planning, before any tensor is read; these
 # validators make that error name the parameter and the value at fault.
 def _number(name: str, value: Any) -> float:
@@ -108,7 +105,7 @@ PARAMETERS = (
     _parameter("iterations", _count("iterations"), solver.DEFAULT_ITERATIONS),
     _parameter("learning_rate", _positive("learning_rate"), solver.DEFAULT_LEARNING_RATE),
     _parameter("solver", _choice("solver", Solver), Solver.ADAM),
-    _parameter("omega", _positive("omega"), DEFAULT_OMEGA),
+    _parameter("omega", _positive("omega"), solver.DEFAULT_OMEGA),
     _parameter("apply_wudi", _choice("apply_wudi", ApplyWudi), ApplyWudi.AUTO),
     _parameter("layout", _choice("layout", Layout), Layout.AUTO),
 )

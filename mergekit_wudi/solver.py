@@ -28,6 +28,8 @@ DEFAULT_ITERATIONS = 300
 DEFAULT_LEARNING_RATE = 1e-5
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
+# Ridge coefficient omega of the closed form (WUDI-CFS, paper Eq. 20).
+DEFAULT_OMEGA = 1e-4
 
 # Adam's second moment holds grad**2, and grad scales with the task vectors. In
 # float32 it overflows above ~1e19 and flushes to zero below ~1e-19, so task
