@@ -13,11 +13,15 @@ so a step is one matmul whatever the number of experts N (the authors' loop form
 N ``[out, out]`` products and back-propagates through them). Where ``in > 2 N out``
 the factored product ``(tau_m S^T) S`` with ``S`` the stacked ``u_i`` is cheaper
 than ``C`` and smaller too. Either way the memory does not grow with N beyond ``C``.
+
+C and D are accumulated in float64 and the gradient is evaluated against an
+exact anchor (see ``_adam_descent``): near the minimum ``tau_m C`` and ``D``
+cancel, and float32 copies of them would move the minimum itself.
 """
 
 import logging
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
@@ -31,6 +35,10 @@ ADAM_EPS = 1e-8
 # Ridge coefficient omega of the closed form (WUDI-CFS, paper Eq. 20).
 DEFAULT_OMEGA = 1e-4
 
+# The exact (float64) residual tau_m C - D is re-evaluated every this many Adam
+# steps; in between, steps add (tau_m - anchor) C in the working precision.
+RESIDUAL_REFRESH_STEPS = 50
+
 # Adam's second moment holds grad**2, and grad scales with the task vectors. In
 # float32 it overflows above ~1e19 and flushes to zero below ~1e-19, so task
 # vectors outside this range are solved in float64, where both are exact.
@@ -42,15 +50,20 @@ class InterferenceStatistics:
     """Everything the WUDI loss needs, accumulated one task vector at a time.
 
     ``gram`` is C; when ``rows`` is set instead, C = rows^T rows (stacked form).
+    C, D and the weighted sum are float64: in float32 their rounding is a fixed
+    bias that shifts the minimum, most along directions the task vectors barely
+    span (low-rank LoRA updates). ``initial`` is summed in ``dtype``, the working
+    precision of the Adam steps, as the authors' loop sums it.
     """
 
-    initial: torch.Tensor  # sum_i tau_i: Adam's starting point
+    initial: torch.Tensor  # sum_i tau_i: Adam's starting point, in dtype
     target: torch.Tensor  # D
     gram: Optional[torch.Tensor]
     rows: Optional[torch.Tensor]
     weighted_sum: torch.Tensor  # sum_i tau_i / ||tau_i||^2 (closed form only)
     weight_total: float  # sum_i 1 / ||tau_i||^2 (closed form only)
     active: int  # task vectors that are not all zero
+    dtype: torch.dtype
 
 
 def prefers_stacked_form(out_features: int, in_features: int, experts: int) -> bool:
@@ -74,20 +87,20 @@ def interference_statistics(
     weight_total = 0.0
     active = 0
     for tau in task_vectors:
-        tau = tau.to(dtype)
+        exact = tau.to(torch.float64)
         if initial is None:
-            initial = torch.zeros_like(tau)
-            target = torch.zeros_like(tau)
-            weighted_sum = torch.zeros_like(tau)
+            initial = torch.zeros_like(tau, dtype=dtype)
+            target = torch.zeros_like(exact)
+            weighted_sum = torch.zeros_like(exact)
             if not stacked:
-                gram = tau.new_zeros((tau.shape[1], tau.shape[1]))
-        # The norm is taken in float64 so tiny and huge task vectors keep theirs.
-        norm = torch.linalg.vector_norm(tau, dtype=torch.float64).item()
+                gram = exact.new_zeros((tau.shape[1], tau.shape[1]))
+        norm = torch.linalg.vector_norm(exact).item()
         if norm == 0.0:
             continue
         active += 1
+        initial += tau.to(dtype)
+        tau = exact
         unit = tau / norm
-        initial += tau
         weighted_sum.add_(unit, alpha=1.0 / norm)
         weight_total += 1.0 / norm**2
         if stacked:
@@ -107,6 +120,7 @@ def interference_statistics(
         weighted_sum=weighted_sum,
         weight_total=weight_total,
         active=active,
+        dtype=dtype,
     )
 
 
@@ -161,70 +175,96 @@ def wudi_adam(
     return merged
 
 
-def _loss_less_constant(stats: InterferenceStatistics, merged: torch.Tensor) -> float:
-    """Eq. 21 less its tau_m-free term: <tau_m, tau_m C - 2 D>.
-
-    The product is taken in the solve dtype (no float64 copy of C); the sum,
-    where the cancellation is, in float64.
-    """
+def _times_gram(stats: InterferenceStatistics, merged: torch.Tensor) -> torch.Tensor:
+    """tau_m C in float64."""
+    merged = merged.to(torch.float64)
     if stats.gram is not None:
-        times_gram = merged @ stats.gram
-    else:
-        times_gram = (merged @ stats.rows.T) @ stats.rows
-    return float((merged.double() * (times_gram.double() - 2 * stats.target.double())).sum())
+        return merged @ stats.gram
+    return (merged @ stats.rows.T) @ stats.rows
+
+
+def _loss_less_constant(stats: InterferenceStatistics, merged: torch.Tensor) -> float:
+    """Eq. 21 less its tau_m-free term: <tau_m, tau_m C - 2 D>, in float64."""
+    return float((merged.to(torch.float64) * (_times_gram(stats, merged) - 2 * stats.target)).sum())
 
 
 def _adam_descent(
     stats: InterferenceStatistics, iterations: int, learning_rate: float
 ) -> torch.Tensor:
-    """``iterations`` steps of Adam (PyTorch's defaults) on the analytic gradient.
+    """``iterations`` Adam steps on Eq. 21 from the sum of the task vectors.
 
-    The update is torch.optim.Adam's (its for-loop path, which its foreach path
-    equals) op for op and scalar for scalar, so the result is bit-identical to it,
-    as the authors' autograd loop would get from the same gradient;
-    tests/test_solver.py checks the bits. Written out, it fills one preallocated
-    buffer with the denominator where torch.optim.Adam allocates two fresh
-    tensors a step: on CPU, for a [3072, 768] weight, 11 ms a step instead of 28.
+    The gradient 2 (tau_m C - D) is a small difference of two large terms near the
+    minimum, so it is evaluated as 2 R + (tau_m - a) 2C: R = a C - D exactly
+    (float64) at an anchor a, re-anchored every ``RESIDUAL_REFRESH_STEPS`` steps,
+    and the correction in the working dtype, whose rounding is then relative to
+    the small offset tau_m - a rather than to tau_m. Each step stays one matmul.
+    """
+    working = stats.dtype
+    merged = stats.initial.clone()
+    anchor = torch.empty_like(merged)
+    offset = torch.empty_like(merged)
+    residual = torch.empty_like(merged)  # 2 R
+    # Doubling is exact, so 2 R + offset @ 2C is one fused multiply-add.
+    if stats.gram is not None:
+        doubled = (stats.gram * 2).to(working)
+
+        def left(offset: torch.Tensor) -> torch.Tensor:
+            return offset
+    else:
+        rows, doubled = stats.rows.to(working), (stats.rows * 2).to(working)
+
+        def left(offset: torch.Tensor) -> torch.Tensor:
+            return offset @ rows.T
+
+    def fill_gradient(step: int, gradient: torch.Tensor) -> None:
+        if (step - 1) % RESIDUAL_REFRESH_STEPS == 0:
+            anchor.copy_(merged)
+            residual.copy_((_times_gram(stats, anchor) - stats.target) * 2)
+            gradient.copy_(residual)
+        else:
+            torch.sub(merged, anchor, out=offset)
+            torch.addmm(residual, left(offset), doubled, out=gradient)
+
+    return adam(merged, fill_gradient, iterations, learning_rate)
+
+
+def adam(
+    parameter: torch.Tensor,
+    fill_gradient: Callable[[int, torch.Tensor], None],
+    iterations: int,
+    learning_rate: float,
+) -> torch.Tensor:
+    """Adam with PyTorch's defaults, in place on ``parameter``, which it returns.
+
+    ``fill_gradient(step, out)`` writes the gradient at ``parameter`` for step
+    1, 2, ... into ``out``. The update is torch.optim.Adam's (its for-loop path,
+    which its foreach path equals) op for op and scalar for scalar, so the result
+    is bit-identical to it (tests/test_solver.py checks the bits). Written out, it
+    fills one preallocated buffer with the denominator where torch.optim.Adam
+    allocates two fresh tensors a step: on CPU, for a [3072, 768] weight, 11 ms a
+    step instead of 28.
     """
     beta1, beta2 = ADAM_BETAS
-    merged = stats.initial.clone()
-    gradient = torch.empty_like(merged)
-    first_moment = torch.zeros_like(merged)
-    second_moment = torch.zeros_like(merged)
-    denominator = torch.empty_like(merged)
-    # Doubling C (or S) and D once makes each gradient one fused multiply-add:
-    # tau_m @ 2C - 2D == 2 (tau_m C - D) exactly, doubling being exact.
-    target = stats.target * 2
-    if stats.gram is not None:
-        gram = stats.gram * 2
-
-        def fill_gradient():
-            torch.addmm(target, merged, gram, beta=-1, out=gradient)
-    else:
-        rows, rows_doubled = stats.rows, stats.rows * 2
-
-        def fill_gradient():
-            torch.addmm(target, merged @ rows.T, rows_doubled, beta=-1, out=gradient)
-
+    gradient = torch.empty_like(parameter)
+    first_moment = torch.zeros_like(parameter)
+    second_moment = torch.zeros_like(parameter)
+    denominator = torch.empty_like(parameter)
     for step in range(1, iterations + 1):
-        fill_gradient()
+        fill_gradient(step, gradient)
         first_moment.lerp_(gradient, 1 - beta1)
         second_moment.mul_(beta2).addcmul_(gradient, gradient, value=1 - beta2)
         step_size = learning_rate / (1 - beta1**step)
         torch.sqrt(second_moment, out=denominator)
         denominator.div_((1 - beta2**step) ** 0.5).add_(ADAM_EPS)
-        merged.addcdiv_(first_moment, denominator, value=-step_size)
-    return merged
+        parameter.addcdiv_(first_moment, denominator, value=-step_size)
+    return parameter
 
 
-# C is a sum of unit-trace Grams, so float32 rounds it to about 1e-7 of its trace
-# (the number of active experts). Where C is rank-deficient, tau_m along the
-# directions no task vector spans is decided by the ridge against that rounding:
-# the relative error is about 1e-7 / (ridge / trace). A ridge below 1e-4 of the
-# trace is therefore accumulated and solved in float64, and a system whose
-# smallest Cholesky pivot (an upper bound on its smallest eigenvalue) is below
-# 1e-12 of the trace is refused: float64 would be out of digits there too.
-FLOAT32_MIN_RELATIVE_RIDGE = 1e-4
+# C is a sum of unit-trace Grams. Where it is rank-deficient, tau_m along the
+# directions no task vector spans is decided by the ridge against C's rounding,
+# so the system is solved in float64, and one whose smallest Cholesky pivot (an
+# upper bound on its smallest eigenvalue) is below 1e-12 of C's trace (the
+# number of active experts) is refused: float64 would be out of digits there.
 MIN_RELATIVE_PIVOT = 1e-12
 
 
@@ -236,15 +276,14 @@ def wudi_closed_form(
     tau_m (sum_i w_i (tau_i^T tau_i + omega I)) = sum_i w_i tau_i (tau_i^T tau_i + omega I),
     w_i = 1/||tau_i||^2, i.e. tau_m (C + omega sum w I) = D + omega sum_i w_i tau_i.
     ``name`` only labels the error raised when omega is too small to solve.
+    Returns float64.
     """
     if not task_vectors:
         raise ValueError("WUDI needs at least one task vector")
-    stats = interference_statistics(task_vectors, dtype=solve_dtype(task_vectors))
+    stats = interference_statistics(task_vectors, dtype=torch.float64)
     if stats.active <= 1:
         return stats.initial
     ridge = omega * stats.weight_total
-    if stats.gram.dtype == torch.float32 and ridge < FLOAT32_MIN_RELATIVE_RIDGE * stats.active:
-        stats = interference_statistics(task_vectors, dtype=torch.float64)
     system = stats.gram + torch.eye(
         stats.gram.shape[0], dtype=stats.gram.dtype, device=stats.gram.device
     ) * ridge

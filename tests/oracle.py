@@ -11,9 +11,11 @@ import torch
 
 
 def authors_wudi(
-    task_vectors: Sequence[torch.Tensor], iterations: int = 300, learning_rate: float = 1e-5
+    task_vectors: Sequence[torch.Tensor], iterations: int = 300, learning_rate: float = 1e-5,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    taus = torch.stack([tau.float() for tau in task_vectors])
+    """float32 as in the authors' code; float64 gives the exact-arithmetic trajectory."""
+    taus = torch.stack([tau.to(dtype) for tau in task_vectors])
     merged = taus.sum(dim=0).clone().requires_grad_(True)
     optimizer = torch.optim.Adam([merged], lr=learning_rate)
     norms_sq = taus.pow(2).sum(dim=(1, 2))
@@ -33,6 +35,18 @@ def normal_equations_wudi_cfs(task_vectors: Sequence[torch.Tensor], omega: float
     left = sum(tau @ (tau.T @ tau + omega * eye) / tau.pow(2).sum() for tau in taus)
     right = sum((tau.T @ tau + omega * eye) / tau.pow(2).sum() for tau in taus)
     return left @ torch.linalg.inv(right)
+
+
+def low_rank_task_vectors(
+    out_features: int, in_features: int, ranks: Sequence[int], seed: int = 0, scale: float = 2e-3
+) -> list:
+    """Exactly low-rank updates B @ A, like LoRA adapters: C is singular."""
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        scale * torch.randn(out_features, rank, generator=generator)
+        @ torch.randn(rank, in_features, generator=generator) / rank**0.5
+        for rank in ranks
+    ]
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
