@@ -13,13 +13,9 @@ in ``--lora-merge-cache``; WUDI then reads ``expert - base``. The claims, tested
 
 (b) runs the oracle on the task vectors WUDI read, not on the exact updates: the two
 differ by the float32 rounding of (a), a few 1e-7, which Adam carries through about
-unchanged (oracle on read vs on exact updates: 3e-7 on down_proj). (b) is a known
-failure of the solver, not of the LoRA path: on these low-rank task vectors its float32
-Gram-form gradient ``2 (tau_m C - D)`` cancels near the optimum (|grad| falls to 4e-6 of
-|D| on v_proj) and its rounding, unlike the authors' ``(tau_m - tau_i) tau_i^T tau_i``,
-leaves the span of the task vectors, where nothing pulls Adam back. Measured: solver vs
-float64 oracle up to 1.5e-5; the float32 oracle, and the same Gram form run in float64,
-within 5e-7 and 3e-14.
+unchanged (oracle on read vs on exact updates: 3e-7 on down_proj). These low-rank task
+vectors make C singular; (b) is what caught the solver's float32 copies of C and D
+shifting the minimum (up to 1.5e-5 off), fixed by its float64 anchored gradient.
 """
 
 import math
@@ -291,12 +287,6 @@ def test_merge_is_the_solve_of_the_touching_adapters_alone(lora_merge, module):
         assert relative_error(sum(taus), solved) > 1e-2, weight
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="solver: float32 Gram-form gradient cancels near the optimum on low-rank task"
-    " vectors (up to 1.5e-5 from the oracle; see the module docstring)",
-)
 def test_merged_weights_equal_oracle_on_the_task_vectors_wudi_read(lora_merge):
     """(b) The authors' formulation on the same task vectors, every solved weight."""
     base, merged = lora_merge.base, load_weights(lora_merge.float32_output)
