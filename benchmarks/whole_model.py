@@ -12,7 +12,8 @@ merged with ``merge_method: task_arithmetic`` in the same run, as the yardstick.
 
 Depth: every layer adds four WUDI solves, 300 Adam steps each, about 22 GFLOP a
 step (the ``mlp.c_proj`` weight, ``[out,in] = [768,3072]``, is two thirds of it),
-so about 80-150 s a layer on 2 CPU cores: the default of 4 layers keeps the run
+measured at about 120 s of CPU time a layer on one core
+(``benchmarks/results/whole_model.txt``): the default of 4 layers keeps the run
 near 10 minutes. The time scales linearly with the number of layers.
 
 Models are cached under ``benchmarks/.cache/`` (git-ignored), one folder per
@@ -45,7 +46,8 @@ def build_family(layers: int, vocabulary: int, experts: int) -> list:
         return paths
     torch.manual_seed(0)
     config = transformers.GPT2Config(
-        vocab_size=vocabulary, n_embd=768, n_layer=layers, n_head=12, n_positions=1024
+        vocab_size=vocabulary, n_embd=768, n_layer=layers, n_head=12, n_positions=1024,
+        bos_token_id=vocabulary - 1, eos_token_id=vocabulary - 1,  # GPT-2's 50256 is out of range
     )
     model = transformers.GPT2LMHeadModel(config)
     model.config.architectures = ["GPT2LMHeadModel"]  # mergekit reads it
