@@ -199,12 +199,16 @@ def _adam_descent(
     (float64) at an anchor a, re-anchored every ``RESIDUAL_REFRESH_STEPS`` steps,
     and the correction in the working dtype, whose rounding is then relative to
     the small offset tau_m - a rather than to tau_m. Each step stays one matmul.
+
+    Adam's parameter is the offset itself (tau_m = a + offset), so no step spends
+    a pass forming it. Adam's update does not depend on its parameter's value, so
+    folding the offset into the anchor between steps leaves the trajectory as it
+    is; tau_m is rounded to the working dtype once per re-anchoring, not per step.
     """
     working = stats.dtype
-    merged = stats.initial.clone()
-    anchor = torch.empty_like(merged)
-    offset = torch.empty_like(merged)
-    residual = torch.empty_like(merged)  # 2 R
+    anchor = stats.initial.clone()
+    offset = torch.zeros_like(anchor)
+    residual = torch.empty_like(anchor)  # 2 R
     # Doubling is exact, so 2 R + offset @ 2C is one fused multiply-add.
     if stats.gram is not None:
         doubled = (stats.gram * 2).to(working)
@@ -219,14 +223,15 @@ def _adam_descent(
 
     def fill_gradient(step: int, gradient: torch.Tensor) -> None:
         if (step - 1) % RESIDUAL_REFRESH_STEPS == 0:
-            anchor.copy_(merged)
+            anchor.add_(offset)
+            offset.zero_()
             residual.copy_((_times_gram(stats, anchor) - stats.target) * 2)
             gradient.copy_(residual)
         else:
-            torch.sub(merged, anchor, out=offset)
             torch.addmm(residual, left(offset), doubled, out=gradient)
 
-    return adam(merged, fill_gradient, iterations, learning_rate)
+    adam(offset, fill_gradient, iterations, learning_rate)
+    return anchor.add_(offset)
 
 
 def adam(

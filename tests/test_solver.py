@@ -109,7 +109,9 @@ def test_adam_is_torch_optim_adam(dtype):
 def test_low_rank_task_vectors_follow_the_exact_trajectory(shape, ranks):
     # LoRA-like updates make C singular: float32 copies of C and D would shift the
     # minimum along the directions they do not span (2e-6 to 1.5e-5 off before the
-    # anchored gradient). The authors' float32 loop is about 4.5e-7 off here.
+    # anchored gradient). The authors' float32 loop is 4.4e-7 to 5.1e-7 off here;
+    # ours, rounding tau_m once per re-anchoring rather than every step, 0.7e-7 to
+    # 1.7e-7 (4.4e-7 to 5.1e-7 while Adam updated tau_m in float32 itself).
     taus = low_rank_task_vectors(*shape, ranks, seed=sum(ranks))
     exact = authors_wudi(taus, dtype=torch.float64)
-    assert relative_error(solver.wudi_adam(taus), exact) < 1e-6
+    assert relative_error(solver.wudi_adam(taus), exact) < 3e-7
