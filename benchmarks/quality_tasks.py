@@ -376,6 +376,18 @@ def fingerprint(tasks: Sequence[Task], settings: TrainSettings, layers: Optional
     return digest.hexdigest()[:16]
 
 
+def head_path(root: Path, task: Task) -> Path:
+    return root / "heads" / f"{task.name}.safetensors"
+
+
+def family_cached(
+    cache: Path, tasks: Sequence[Task], settings: TrainSettings, layers: Optional[int] = None,
+) -> bool:
+    """Whether ``prepare_family`` would find every expert in ``cache``, training none."""
+    root = Path(cache) / fingerprint(tasks, settings, layers)
+    return all(head_path(root, task).exists() for task in tasks)
+
+
 def prepare_family(
     cache: Path, tasks: Sequence[Task], settings: TrainSettings, layers: Optional[int] = None,
     log: Callable[[str], None] = lambda message: None,
@@ -390,15 +402,15 @@ def prepare_family(
         write_atomically(base, lambda directory: write_base(directory, layers))
     family = Family(base, {}, {})
     for task in tasks:
-        expert, head_path = root / "experts" / task.name, root / "heads" / f"{task.name}.safetensors"
-        if not head_path.exists():
+        expert, head_file = root / "experts" / task.name, head_path(root, task)
+        if not head_file.exists():
             started = time.perf_counter()
             encoder, head = train_expert(base, task, settings)
             write_atomically(expert, lambda directory: save_encoder(encoder, directory))
-            head_path.parent.mkdir(parents=True, exist_ok=True)
-            save_head(head, task, head_path)
+            head_file.parent.mkdir(parents=True, exist_ok=True)
+            save_head(head, task, head_file)
             log(f"trained expert {task.name} in {time.perf_counter() - started:.0f} s")
-        family.experts[task.name], family.heads[task.name] = expert, head_path
+        family.experts[task.name], family.heads[task.name] = expert, head_file
     return family
 
 
