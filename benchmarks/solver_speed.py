@@ -1,6 +1,6 @@
 """Speed and memory of the WUDI solver against the authors' formulation (project issue 3).
 
-    python benchmarks/solver_speed.py                  # CPU: about 10-15 min on 2 cores
+    python benchmarks/solver_speed.py                  # CPU: about 13 min on 2 idle cores
     python benchmarks/solver_speed.py --threads 1 --cpu-time   # a CPU shared with other jobs
     python benchmarks/solver_speed.py --device cuda    # GPU: the paper's 300 steps
 

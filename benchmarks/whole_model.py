@@ -1,6 +1,6 @@
 """Time (wall and CPU) of a whole-model WUDI merge through ``mergekit-yaml``, on CPU.
 
-    python benchmarks/whole_model.py                 # 4 layers: ~10 min on 2 cores
+    python benchmarks/whole_model.py                 # 4 layers: ~5 min on 2 cores
     python benchmarks/whole_model.py --layers 12     # the full GPT-2-small depth
     python benchmarks/whole_model.py --threads 1     # a CPU shared with other jobs
 
@@ -12,9 +12,9 @@ merged with ``merge_method: task_arithmetic`` in the same run, as the yardstick.
 
 Depth: every layer adds four WUDI solves, 300 Adam steps each, about 22 GFLOP a
 step (the ``mlp.c_proj`` weight, ``[out,in] = [768,3072]``, is two thirds of it),
-measured at about 120 s of CPU time a layer on one core
+measured at about 72 s a layer on 2 cores
 (``benchmarks/results/whole_model.txt``): the default of 4 layers keeps the run
-near 10 minutes. The time scales linearly with the number of layers.
+near 5 minutes. The time scales linearly with the number of layers.
 
 Models are cached under ``benchmarks/.cache/`` (git-ignored), one folder per
 (layers, vocabulary, experts), and reused by later runs.
