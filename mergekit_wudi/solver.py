@@ -61,7 +61,8 @@ class InterferenceStatistics:
     target: torch.Tensor  # D
     gram: Optional[torch.Tensor]
     rows: Optional[torch.Tensor]
-    weighted_sum: torch.Tensor  # sum_i tau_i / ||tau_i||^2 (closed form only)
+    # sum_i tau_i / ||tau_i||^2, the closed form's ridge term; None unless asked for.
+    weighted_sum: Optional[torch.Tensor]
     weight_total: float  # sum_i 1 / ||tau_i||^2 (closed form only)
     active: int  # task vectors that are not all zero
     dtype: torch.dtype
@@ -77,8 +78,12 @@ def interference_statistics(
     *,
     stacked: bool = False,
     dtype: torch.dtype = torch.float32,
+    ridge_term: bool = False,
 ) -> InterferenceStatistics:
     """Accumulate C, D and the sums over task vectors, each read once.
+
+    ``ridge_term`` also accumulates ``weighted_sum``, which only the closed form
+    reads: an ``[out, in]`` float64 the Adam solver need not hold.
 
     All-zero task vectors carry no direction (the paper's weight 1/||tau||^2 would
     be infinite); they add nothing, which is also their exact share of the sum.
@@ -92,7 +97,8 @@ def interference_statistics(
         if initial is None:
             initial = torch.zeros_like(tau, dtype=dtype)
             target = torch.zeros_like(exact)
-            weighted_sum = torch.zeros_like(exact)
+            if ridge_term:
+                weighted_sum = torch.zeros_like(exact)
             if not stacked:
                 gram = exact.new_zeros((tau.shape[1], tau.shape[1]))
         norm = torch.linalg.vector_norm(exact).item()
@@ -102,7 +108,8 @@ def interference_statistics(
         initial += tau.to(dtype)
         tau = exact
         unit = tau / norm
-        weighted_sum.add_(unit, alpha=1.0 / norm)
+        if ridge_term:
+            weighted_sum.add_(unit, alpha=1.0 / norm)
         weight_total += 1.0 / norm**2
         if stacked:
             rows.append(unit)
@@ -286,7 +293,7 @@ def wudi_closed_form(
     """
     if not task_vectors:
         raise ValueError("WUDI needs at least one task vector")
-    stats = interference_statistics(task_vectors, dtype=torch.float64)
+    stats = interference_statistics(task_vectors, dtype=torch.float64, ridge_term=True)
     if stats.active <= 1:
         return stats.initial
     ridge = omega * stats.weight_total
