@@ -29,6 +29,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -393,8 +394,6 @@ def prepare_family(
     log: Callable[[str], None] = lambda message: None,
 ) -> Family:
     """Train (or reuse from ``cache``) one expert per task."""
-    import time
-
     torch.set_num_threads(min(2, torch.get_num_threads()))
     root = Path(cache) / fingerprint(tasks, settings, layers)
     base = root / "base"
