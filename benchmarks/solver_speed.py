@@ -15,10 +15,10 @@ noise, entries about 1e-3: ``tests.oracle.structured_task_vectors``) with
 Time per step: ``T(k)`` is the time of a k-step run; one-off work (statistics,
 stacking, allocations) cancels out of differences. The authors' step is
 ``(T(1 + steps) - T(1)) / steps``. Ours is timed on the Adam loop
-(``solver._adam_descent``) with the statistics C, D computed once beforehand and
+(``solvers.adam_descent``) with the statistics C, D computed once beforehand and
 timed apart ("setup"), since on LLaMA shapes recomputing them for every timing
 would cost minutes; its result is what ``wudi_adam`` returns whenever the loss
-went down, as it does on these inputs. Every ``solver.RESIDUAL_REFRESH_STEPS``-th
+went down, as it does on these inputs. Every ``solvers.RESIDUAL_REFRESH_STEPS``-th
 of our steps re-anchors the gradient in float64, so our figure is the average
 over that period: a refresh step is ``T(1) - T(0)``, an ordinary one is taken from
 ``T(1 + steps) - T(1)``. Ours and the plain matmul below are timed in turn in
@@ -68,7 +68,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
 
-from mergekit_wudi import solver  # noqa: E402
+from mergekit_wudi import solvers  # noqa: E402
 from tests.oracle import authors_wudi, relative_error, structured_task_vectors  # noqa: E402
 
 VIT_SHAPES = [(2304, 768), (768, 768), (3072, 768), (768, 3072)]
@@ -81,7 +81,7 @@ MIB = 2**20
 CALIBRATION_BYTES = 64 * MIB
 
 SOLVERS = {
-    "ours": solver.wudi_adam,
+    "ours": solvers.wudi_adam,
     "authors": authors_wudi,
     "calibration": lambda task_vectors, iterations: torch.ones(
         CALIBRATION_BYTES // 4, device=task_vectors[0].device
@@ -139,7 +139,7 @@ def ours_and_plain_seconds(stats, steps, device, repeats):
     timed = {
         "plain": lambda: torch.matmul(merged, gram, out=product),
         **{iterations: functools.partial(
-            solver._adam_descent, stats, iterations, solver.DEFAULT_LEARNING_RATE)
+            solvers.adam_descent, stats, iterations, solvers.DEFAULT_LEARNING_RATE)
            for iterations in (0, 1, 1 + steps)},
     }
     best, results = dict.fromkeys(timed, math.inf), {}
@@ -147,7 +147,7 @@ def ours_and_plain_seconds(stats, steps, device, repeats):
         for key, fn in timed.items():
             elapsed, results[key] = seconds(fn, device, calls=calls if key == "plain" else 1)
             best[key] = min(best[key], elapsed)
-    period = solver.RESIDUAL_REFRESH_STEPS
+    period = solvers.RESIDUAL_REFRESH_STEPS
     refresh, refreshes = best[1] - best[0], steps // period
     ordinary = (best[1 + steps] - best[1] - refreshes * refresh) / (steps - refreshes)
     return (refresh + (period - 1) * ordinary) / period, best["plain"], results[1 + steps]
@@ -175,19 +175,19 @@ def reference_skip_reason(out_features, in_features, experts, steps, flops_per_s
 def compare(shape, experts, steps, device, repeats, closed_form, reference_budget):
     """One row of the speed table, with the matmul timing for the throughput table."""
     out_features, in_features = shape
-    assert not solver.prefers_stacked_form(out_features, in_features, experts), "Gram form assumed"
+    assert not solvers.prefers_stacked_form(out_features, in_features, experts), "Gram form assumed"
     task_vectors = [t.to(device) for t in structured_task_vectors(experts, *shape, seed=0)]
     row = {"shape": shape, "experts": experts, "steps": steps}
 
     # Seconds-long one-off solves: timed once.
     row["setup"], stats = seconds(
-        lambda: solver.interference_statistics(task_vectors, dtype=torch.float32), device
+        lambda: solvers.interference_statistics(task_vectors, dtype=torch.float32), device
     )
     row["ours"], row["plain"], ours = ours_and_plain_seconds(stats, steps, device, repeats)
     del stats
     if closed_form:
         row["closed_form"], _ = seconds(
-            lambda: solver.wudi_closed_form(task_vectors, omega=solver.DEFAULT_OMEGA), device
+            lambda: solvers.wudi_closed_form(task_vectors, omega=solvers.DEFAULT_OMEGA), device
         )
     flops_per_second = 2 * out_features * in_features**2 / row["plain"]
     row["skip"] = reference_skip_reason(
@@ -208,7 +208,7 @@ def tf32_differences(task_vectors, iterations, exact):
     default = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high")
     try:
-        tf32 = solver.wudi_adam(task_vectors, iterations=iterations)
+        tf32 = solvers.wudi_adam(task_vectors, iterations=iterations)
     finally:
         torch.set_float32_matmul_precision(default)
     initial = sum(task_vectors)

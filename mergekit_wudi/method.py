@@ -24,7 +24,7 @@ from mergekit.merge_methods.base import (
     TensorEntry,
     TensorGroup,
 )
-from mergekit_wudi import solver
+from mergekit_wudi import solvers
 from mergekit_wudi.tensor_rules import ApplyWudi, Layout, wudi_layout
 
 METHOD_NAME = "wudi"
@@ -102,10 +102,10 @@ def _parameter(name: str, check: Callable[[Any], Any], default: Any, scope=Param
 PARAMETERS = (
     _parameter("weight", _finite("weight"), 1.0, ParameterScope.NON_BASE),
     _parameter("lambda", _finite("lambda"), 1.0),
-    _parameter("iterations", _count("iterations"), solver.DEFAULT_ITERATIONS),
-    _parameter("learning_rate", _positive("learning_rate"), solver.DEFAULT_LEARNING_RATE),
+    _parameter("iterations", _count("iterations"), solvers.DEFAULT_ITERATIONS),
+    _parameter("learning_rate", _positive("learning_rate"), solvers.DEFAULT_LEARNING_RATE),
     _parameter("solver", _choice("solver", Solver), Solver.ADAM),
-    _parameter("omega", _positive("omega"), solver.DEFAULT_OMEGA),
+    _parameter("omega", _positive("omega"), solvers.DEFAULT_OMEGA),
     _parameter("apply_wudi", _choice("apply_wudi", ApplyWudi), ApplyWudi.AUTO),
     _parameter("layout", _choice("layout", Layout), Layout.AUTO),
 )
@@ -174,11 +174,11 @@ def wudi_kernel(group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
     if layout is None:
         merged = sum(task_vectors)
     elif parameters["solver"] == Solver.CLOSED_FORM:
-        merged = solver.wudi_closed_form(
+        merged = solvers.wudi_closed_form(
             task_vectors, omega=parameters["omega"], name=group.metadata.name
         )
     else:
-        merged = solver.wudi_adam(
+        merged = solvers.wudi_adam(
             task_vectors,
             iterations=parameters["iterations"],
             learning_rate=parameters["learning_rate"],

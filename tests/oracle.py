@@ -2,7 +2,7 @@
 
 ``authors_wudi`` is the authors' formulation (their ``lamassu.py``): N batched
 ``[out, out]`` products, autograd, ``torch.optim.Adam``. It shares no code with
-``mergekit_wudi.solver`` and is deliberately the slow, obvious way.
+``mergekit_wudi.solvers`` and is deliberately the slow, obvious way.
 """
 
 from typing import Sequence

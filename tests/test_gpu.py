@@ -4,7 +4,7 @@ import pytest
 import torch
 from mergekit.merge_methods.api import merge_tensors
 
-from mergekit_wudi import solver
+from mergekit_wudi import solvers
 from tests.conftest import load_weights, run_console_script
 from tests.oracle import relative_error, structured_task_vectors
 
@@ -13,9 +13,9 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 def test_solver_runs_on_the_tensors_device_and_matches_cpu():
     taus = structured_task_vectors(4, 256, 192, seed=2)
-    on_gpu = solver.wudi_adam([tau.cuda() for tau in taus])
+    on_gpu = solvers.wudi_adam([tau.cuda() for tau in taus])
     assert on_gpu.device.type == "cuda"
-    assert relative_error(on_gpu.cpu(), solver.wudi_adam(taus)) < 1e-4
+    assert relative_error(on_gpu.cpu(), solvers.wudi_adam(taus)) < 1e-4
 
 
 def test_merge_tensors_on_cuda_keeps_dtype_and_device():

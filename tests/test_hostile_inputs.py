@@ -26,7 +26,7 @@ from mergekit.merge_methods.api import merge_state_dicts, merge_tensors
 from mergekit.options import MergeOptions
 from safetensors.torch import load_file, save_file
 
-from mergekit_wudi import solver
+from mergekit_wudi import solvers
 from mergekit_wudi.demo import write_family
 from tests.conftest import load_weights, run_console_script
 from tests.oracle import (
@@ -83,7 +83,7 @@ def test_huge_task_vectors_keep_the_sum_since_adam_steps_are_below_their_precisi
     # Adam moves an entry by about learning_rate per step; next to entries of 1e30
     # (float64 ulp ~1e14) that is exactly nothing: the result is the sum start.
     taus = structured_task_vectors(3, 16, 12, scale=1e30)
-    merged = solver.wudi_adam(taus)
+    merged = solvers.wudi_adam(taus)
     assert merged.dtype == torch.float64
     assert torch.equal(merged, sum(tau.double() for tau in taus))
 
@@ -92,20 +92,20 @@ def test_tiny_task_vectors_fall_back_to_the_sum_with_a_warning(caplog):
     # Steps of learning_rate (1e-5) on entries of 1e-30 overshoot by 25 orders of
     # magnitude; Adam's final loss is above the start, so the start is kept.
     taus = structured_task_vectors(3, 16, 12, scale=1e-30)
-    with caplog.at_level(logging.WARNING, logger="mergekit_wudi.solver"):
-        merged = solver.wudi_adam(taus, name="tiny.weight")
+    with caplog.at_level(logging.WARNING, logger="mergekit_wudi.solvers.adam"):
+        merged = solvers.wudi_adam(taus, name="tiny.weight")
     assert torch.equal(merged, sum(tau.double() for tau in taus))
     assert "'tiny.weight'" in caplog.text and "Lower learning_rate" in caplog.text
     # Without the guard the result would be garbage: check that it really was.
-    stats = solver.interference_statistics(taus, dtype=torch.float64)
-    runaway = solver._adam_descent(stats, solver.DEFAULT_ITERATIONS, solver.DEFAULT_LEARNING_RATE)
+    stats = solvers.interference_statistics(taus, dtype=torch.float64)
+    runaway = solvers.adam_descent(stats, solvers.DEFAULT_ITERATIONS, solvers.DEFAULT_LEARNING_RATE)
     assert float(runaway.abs().max()) > 1e15 * float(merged.abs().max())
 
 
 def test_ordinary_task_vectors_do_not_trigger_the_fallback(caplog):
     taus = structured_task_vectors(3, 16, 12, scale=1e-3)
-    with caplog.at_level(logging.WARNING, logger="mergekit_wudi.solver"):
-        merged = solver.wudi_adam(taus, iterations=50)
+    with caplog.at_level(logging.WARNING, logger="mergekit_wudi.solvers.adam"):
+        merged = solvers.wudi_adam(taus, iterations=50)
     assert caplog.text == ""
     assert relative_error(merged, authors_wudi(taus, iterations=50)) < 1e-5
 
@@ -113,7 +113,7 @@ def test_ordinary_task_vectors_do_not_trigger_the_fallback(caplog):
 @pytest.mark.parametrize("scale", [1e-30, 1e30])
 def test_closed_form_at_extreme_magnitudes_is_eq20(scale):
     taus = structured_task_vectors(3, 16, 12, scale=scale)
-    merged = solver.wudi_closed_form(taus, omega=1e-4)
+    merged = solvers.wudi_closed_form(taus, omega=1e-4)
     assert torch.isfinite(merged).all()
     assert relative_error(merged, normal_equations_wudi_cfs(taus, 1e-4)) < 1e-10
 
@@ -124,7 +124,7 @@ def test_extreme_magnitudes_through_mergekit(scale, caplog):
     # float32; either way the result is base + the sum of the task vectors.
     base = torch.zeros(16, 12)
     experts = [base + tau for tau in structured_task_vectors(3, 16, 12, scale=scale)]
-    with caplog.at_level(logging.WARNING, logger="mergekit_wudi.solver"):
+    with caplog.at_level(logging.WARNING, logger="mergekit_wudi.solvers.adam"):
         merged = merge(base, experts)
     assert torch.equal(merged, sum(expert.double() for expert in experts).float())
     assert (LINEAR in caplog.text) == (scale < 1)
@@ -159,13 +159,13 @@ def test_closed_form_on_rank_one_task_vectors_is_exact(omega, tolerance):
     # At omega 1e-10 the ridge is 2e-7 of C's trace: float32 rounding of C would
     # decide the directions v does not span (error ~0.3), so this is solved in float64.
     taus = exactly_rank_one()
-    assert relative_error(solver.wudi_closed_form(taus, omega=omega), rank_one_cfs(taus, omega)) < tolerance
+    assert relative_error(solvers.wudi_closed_form(taus, omega=omega), rank_one_cfs(taus, omega)) < tolerance
 
 
 def test_rank_deficient_gram_with_a_small_ridge_is_solved_in_float64():
     # 3 experts of 6 rows in 40 columns: C has rank 18 of 40.
     taus = structured_task_vectors(3, 6, 40, seed=2)
-    merged = solver.wudi_closed_form(taus, omega=1e-8)
+    merged = solvers.wudi_closed_form(taus, omega=1e-8)
     assert merged.dtype == torch.float64
     assert relative_error(merged, normal_equations_wudi_cfs(taus, 1e-8)) < 1e-7
 
@@ -179,7 +179,7 @@ def test_a_ridge_below_float64_precision_is_an_error_naming_omega_and_tensor():
 
 def test_adam_on_rank_two_task_vectors_is_the_authors_loop():
     taus = structured_task_vectors(3, 16, 12, rank=2, seed=6)
-    merged = solver.wudi_adam(taus, iterations=100)
+    merged = solvers.wudi_adam(taus, iterations=100)
     assert torch.isfinite(merged).all()
     assert relative_error(merged, authors_wudi(taus, iterations=100)) < 1e-5
 
@@ -196,15 +196,15 @@ def test_adam_on_rank_one_task_vectors_is_the_authors_loop_up_to_amplified_round
     # and the authors' loop end with such noise in those rows, each its own (or none,
     # when the rounding happens to cancel), so they are compared elsewhere only.
     taus = exactly_rank_one(seed=seed)
-    merged = solver.wudi_adam(taus, iterations=100)
+    merged = solvers.wudi_adam(taus, iterations=100)
     reference = authors_wudi(taus, iterations=100)
     assert torch.isfinite(merged).all()
     still = (sum(taus) == 0).all(dim=1)
     assert still.any()  # the case under test exists in this draw
     assert relative_error(merged[~still], reference[~still]) < 1e-5
     # The oscillation's amplitude is about one step: below lr, far below the result (~1e-2).
-    assert float(merged[still].abs().max()) < solver.DEFAULT_LEARNING_RATE
-    assert float(reference[still].abs().max()) < solver.DEFAULT_LEARNING_RATE
+    assert float(merged[still].abs().max()) < solvers.DEFAULT_LEARNING_RATE
+    assert float(reference[still].abs().max()) < solvers.DEFAULT_LEARNING_RATE
 
 
 # 2. NaN and Inf ---------------------------------------------------------------------
@@ -330,7 +330,7 @@ def test_structural_errors_in_memory():
             "wudi", base="base",
         )
     with pytest.raises(ValueError, match="at least one task vector"):
-        solver.wudi_adam([])
+        solvers.wudi_adam([])
 
 
 # 7. Properties of the solver on random small problems ---------------------------------
@@ -362,25 +362,25 @@ def changed(taus):
 @PROPERTY_SETTINGS
 @given(taus=task_vector_sets(), iterations=st.sampled_from([1, 30, 100]), data=st.data())
 def test_adam_properties(taus, iterations, data):
-    merged = solver.wudi_adam(taus, iterations=iterations)
+    merged = solvers.wudi_adam(taus, iterations=iterations)
     assert relative_error(merged, authors_wudi(changed(taus), iterations=iterations)) < 1e-5
     start = sum(taus)
-    assert solver.interference_loss(merged, taus) <= solver.interference_loss(start, taus)
+    assert solvers.interference_loss(merged, taus) <= solvers.interference_loss(start, taus)
     order = data.draw(st.permutations(range(len(taus))))
-    shuffled = solver.wudi_adam([taus[i] for i in order], iterations=iterations)
+    shuffled = solvers.wudi_adam([taus[i] for i in order], iterations=iterations)
     assert relative_error(shuffled, merged) < 1e-5
 
 
 @PROPERTY_SETTINGS
 @given(taus=task_vector_sets(), omega=st.floats(1e-4, 1.0), data=st.data())
 def test_closed_form_properties(taus, omega, data):
-    merged = solver.wudi_closed_form(taus, omega=omega)
+    merged = solvers.wudi_closed_form(taus, omega=omega)
     active = changed(taus)
     expected = normal_equations_wudi_cfs(active, omega) if len(active) > 1 else active[0]
     # float32 Cholesky against a float64 explicit inverse.
     assert relative_error(merged, expected) < 2e-5
     order = data.draw(st.permutations(range(len(taus))))
-    shuffled = solver.wudi_closed_form([taus[i] for i in order], omega=omega)
+    shuffled = solvers.wudi_closed_form([taus[i] for i in order], omega=omega)
     assert relative_error(shuffled, merged) < 1e-5
 
 

@@ -28,7 +28,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from mergekit_wudi.solver import wudi_adam
+from mergekit_wudi.solvers import wudi_adam
 from tests.conftest import load_weights, run_console_script
 from tests.oracle import authors_wudi, relative_error
 
@@ -72,7 +72,7 @@ TOUCHED_BY = {
 UPDATE_SIZE = 2e-3
 # Unit roundoff of float32 (round to nearest): |fl(x) - x| <= U32 |x|.
 U32 = 2.0**-24
-# The solver's agreement with the oracle, as in test_solver.py.
+# The solver's agreement with the oracle, as in test_solvers_adam.py.
 SOLVER_RTOL = 1e-5
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from mergekit.merge_methods.api import merge_tensors
 
-from mergekit_wudi import solver
+from mergekit_wudi import solvers
 from tests.oracle import authors_wudi, relative_error, structured_task_vectors
 
 LINEAR = "model.layers.0.self_attn.q_proj.weight"
@@ -95,7 +95,7 @@ def test_gpt2_conv1d_is_solved_on_the_out_in_view():
 def test_closed_form_solver():
     base, experts = make_models()
     merged = wudi(base, experts, solver="closed_form", omega=1e-3)
-    expected = solver.wudi_closed_form([e - base for e in experts], omega=1e-3)
+    expected = solvers.wudi_closed_form([e - base for e in experts], omega=1e-3)
     assert relative_error(merged - base, expected) < 1e-5
 
 

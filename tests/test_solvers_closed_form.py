@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mergekit_wudi.solver import interference_loss, wudi_closed_form
+from mergekit_wudi.solvers import interference_loss, wudi_closed_form
 from tests.oracle import normal_equations_wudi_cfs, relative_error, structured_task_vectors
 
 # [out, in]: in > out (Gram rank-deficient without the ridge), in < out, square, in >> out.

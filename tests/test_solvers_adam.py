@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mergekit_wudi import solver
+from mergekit_wudi import solvers
 from tests.oracle import (
     authors_wudi,
     low_rank_task_vectors,
@@ -18,7 +18,7 @@ SHAPES = [(64, 32), (32, 64), (16, 200)]  # in < out, in > out, stacked form
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_adam_equals_authors_formulation(count, shape):
     taus = structured_task_vectors(count, *shape, seed=count)
-    merged = solver.wudi_adam(taus)
+    merged = solvers.wudi_adam(taus)
     expected = authors_wudi(taus)
     assert relative_error(merged, expected) < 1e-5
     # The solve really moved: a no-op solver would fail here.
@@ -28,7 +28,7 @@ def test_adam_equals_authors_formulation(count, shape):
 @pytest.mark.parametrize("iterations,learning_rate", [(1, 1e-5), (37, 3e-5), (120, 1e-4)])
 def test_iterations_and_learning_rate_are_honoured(iterations, learning_rate):
     taus = structured_task_vectors(4, 40, 56, seed=7)
-    merged = solver.wudi_adam(taus, iterations=iterations, learning_rate=learning_rate)
+    merged = solvers.wudi_adam(taus, iterations=iterations, learning_rate=learning_rate)
     expected = authors_wudi(taus, iterations=iterations, learning_rate=learning_rate)
     assert relative_error(merged, expected) < 1e-5
 
@@ -36,10 +36,10 @@ def test_iterations_and_learning_rate_are_honoured(iterations, learning_rate):
 def test_both_forms_are_exercised_and_agree():
     # 2 * N * out < in selects the stacked form; force both on the same input.
     taus = structured_task_vectors(3, 12, 100, seed=3)
-    assert solver.prefers_stacked_form(12, 100, 3)
-    assert not solver.prefers_stacked_form(100, 12, 3)
-    stacked = solver.interference_statistics(taus, stacked=True)
-    gram = solver.interference_statistics(taus, stacked=False)
+    assert solvers.prefers_stacked_form(12, 100, 3)
+    assert not solvers.prefers_stacked_form(100, 12, 3)
+    stacked = solvers.interference_statistics(taus, stacked=True)
+    gram = solvers.interference_statistics(taus, stacked=False)
     assert stacked.gram is None and gram.rows is None
     torch.testing.assert_close(stacked.rows.T @ stacked.rows, gram.gram, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(stacked.target, gram.target, rtol=1e-5, atol=1e-9)
@@ -47,33 +47,33 @@ def test_both_forms_are_exercised_and_agree():
 
 def test_zero_iterations_is_the_sum():
     taus = structured_task_vectors(3, 20, 30)
-    assert torch.equal(solver.wudi_adam(taus, iterations=0), taus[0] + taus[1] + taus[2])
+    assert torch.equal(solvers.wudi_adam(taus, iterations=0), taus[0] + taus[1] + taus[2])
 
 
 def test_one_expert_is_returned_exactly():
     (tau,) = structured_task_vectors(1, 20, 30)
-    assert torch.equal(solver.wudi_adam([tau]), tau)
+    assert torch.equal(solvers.wudi_adam([tau]), tau)
 
 
 def test_zero_task_vectors_are_skipped():
     taus = structured_task_vectors(2, 24, 18, seed=5)
-    with_zero = solver.wudi_adam([taus[0], torch.zeros_like(taus[0]), taus[1]])
+    with_zero = solvers.wudi_adam([taus[0], torch.zeros_like(taus[0]), taus[1]])
     assert relative_error(with_zero, authors_wudi(taus)) < 1e-5
-    assert torch.equal(solver.wudi_adam([torch.zeros(4, 3)] * 3), torch.zeros(4, 3))
+    assert torch.equal(solvers.wudi_adam([torch.zeros(4, 3)] * 3), torch.zeros(4, 3))
 
 
 def test_loss_decreases_from_the_sum():
     taus = structured_task_vectors(4, 32, 32, seed=11)
-    before = solver.interference_loss(sum(taus), taus)
-    after = solver.interference_loss(solver.wudi_adam(taus), taus)
+    before = solvers.interference_loss(sum(taus), taus)
+    after = solvers.interference_loss(solvers.wudi_adam(taus), taus)
     assert after < 0.5 * before
 
 
 def test_extreme_magnitudes_are_solved_in_float64():
     taus = structured_task_vectors(2, 8, 6, scale=1e30)
-    assert solver.solve_dtype(taus) == torch.float64
-    assert solver.solve_dtype(structured_task_vectors(2, 8, 6)) == torch.float32
-    merged = solver.wudi_adam(taus)
+    assert solvers.solve_dtype(taus) == torch.float64
+    assert solvers.solve_dtype(structured_task_vectors(2, 8, 6)) == torch.float32
+    merged = solvers.wudi_adam(taus)
     assert merged.dtype == torch.float64 and torch.isfinite(merged).all()
 
 
@@ -89,7 +89,7 @@ def test_adam_is_torch_optim_adam(dtype):
         torch.mul(ours, curvature * step**0.5, out=out)  # step-dependent, like re-anchoring
 
     ours = start.clone()
-    solver.adam(ours, fill_gradient, 40, 3e-2)
+    solvers.adam_steps(ours, fill_gradient, 40, 3e-2)
     references = {}
     for fused in (True, False):
         reference = start.clone()
@@ -114,4 +114,4 @@ def test_low_rank_task_vectors_follow_the_exact_trajectory(shape, ranks):
     # 1.7e-7 (4.4e-7 to 5.1e-7 while Adam updated tau_m in float32 itself).
     taus = low_rank_task_vectors(*shape, ranks, seed=sum(ranks))
     exact = authors_wudi(taus, dtype=torch.float64)
-    assert relative_error(solver.wudi_adam(taus), exact) < 3e-7
+    assert relative_error(solvers.wudi_adam(taus), exact) < 3e-7

@@ -1,0 +1,49 @@
+"""WUDI-CFS, paper Eq. 20: the ridge-regularised minimiser of Eq. 21 in closed form."""
+
+from typing import Optional, Sequence
+
+import torch
+
+from mergekit_wudi.solvers.statistics import interference_statistics
+
+# Ridge coefficient omega (paper Eq. 20).
+DEFAULT_OMEGA = 1e-4
+
+# C is a sum of unit-trace Grams. Where it is rank-deficient, tau_m along the
+# directions no task vector spans is decided by the ridge against C's rounding,
+# so the system is solved in float64, and one whose smallest Cholesky pivot (an
+# upper bound on its smallest eigenvalue) is below 1e-12 of C's trace (the
+# number of active experts) is refused: float64 would be out of digits there.
+MIN_RELATIVE_PIVOT = 1e-12
+
+
+def wudi_closed_form(
+    task_vectors: Sequence[torch.Tensor], *, omega: float, name: Optional[str] = None
+) -> torch.Tensor:
+    """WUDI-CFS, paper Eq. 20: the ridge-regularised minimiser, ``omega > 0``.
+
+    tau_m (sum_i w_i (tau_i^T tau_i + omega I)) = sum_i w_i tau_i (tau_i^T tau_i + omega I),
+    w_i = 1/||tau_i||^2, i.e. tau_m (C + omega sum w I) = D + omega sum_i w_i tau_i.
+    ``name`` only labels the error raised when omega is too small to solve.
+    Returns float64.
+    """
+    if not task_vectors:
+        raise ValueError("WUDI needs at least one task vector")
+    stats = interference_statistics(task_vectors, dtype=torch.float64, ridge_term=True)
+    if stats.active <= 1:
+        return stats.initial
+    ridge = omega * stats.weight_total
+    system = stats.gram + torch.eye(
+        stats.gram.shape[0], dtype=stats.gram.dtype, device=stats.gram.device
+    ) * ridge
+    rhs = stats.target + omega * stats.weighted_sum
+    # system is symmetric positive definite: X system = rhs  <=>  system X^T = rhs^T.
+    factor, failed = torch.linalg.cholesky_ex(system)
+    if failed or float(factor.diagonal().min()) ** 2 < MIN_RELATIVE_PIVOT * stats.active:
+        raise ValueError(
+            f"wudi: tensor {name!r}: parameter 'omega' = {omega:g} is too small for"
+            " these task vectors, which span too few directions to solve Eq. 20"
+            f" without it (omega * mean 1/||tau_i||^2 = {ridge / stats.active:.3g});"
+            " raise omega"
+        )
+    return torch.cholesky_solve(rhs.T, factor).T

@@ -1,0 +1,147 @@
+"""The statistics every WUDI solver reads, and the loss they minimise.
+
+For one linear weight with task vectors ``tau_i`` (``[out, in]``, ``y = W x``),
+WUDI minimises (paper Eq. 21)
+
+    L(tau_m) = sum_i ||(tau_m - tau_i) tau_i^T||_F^2 / ||tau_i||_F^2.
+
+Writing ``u_i = tau_i / ||tau_i||_F``,
+
+    grad L = 2 (tau_m C - D),  C = sum_i u_i^T u_i  [in, in],  D = sum_i tau_i u_i^T u_i,
+
+so the loss, its gradient and its minimisers need only C and D, accumulated one
+task vector at a time: memory does not grow with the number of experts N. Where
+``in > 2 N out`` the factored product ``(tau_m S^T) S`` with ``S`` the stacked
+``u_i`` is cheaper than ``C`` and smaller too.
+
+C and D are accumulated in float64: near the minimum ``tau_m C`` and ``D``
+cancel, and float32 copies of them would move the minimum itself.
+"""
+
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import torch
+
+# Adam's second moment holds grad**2, and grad scales with the task vectors. In
+# float32 it overflows above ~1e19 and flushes to zero below ~1e-19, so task
+# vectors outside this range are solved in float64, where both are exact.
+FLOAT32_SAFE_RANGE = (1e-15, 1e15)
+
+
+@dataclass(frozen=True)
+class InterferenceStatistics:
+    """Everything the WUDI loss needs, accumulated one task vector at a time.
+
+    ``gram`` is C; when ``rows`` is set instead, C = rows^T rows (stacked form).
+    C, D and the weighted sum are float64: in float32 their rounding is a fixed
+    bias that shifts the minimum, most along directions the task vectors barely
+    span (low-rank LoRA updates). ``initial`` is summed in ``dtype``, the working
+    precision of the Adam steps, as the authors' loop sums it.
+    """
+
+    initial: torch.Tensor  # sum_i tau_i: Adam's starting point, in dtype
+    target: torch.Tensor  # D
+    gram: Optional[torch.Tensor]
+    rows: Optional[torch.Tensor]
+    # sum_i tau_i / ||tau_i||^2, the closed form's ridge term; None unless asked for.
+    weighted_sum: Optional[torch.Tensor]
+    weight_total: float  # sum_i 1 / ||tau_i||^2 (closed form only)
+    active: int  # task vectors that are not all zero
+    dtype: torch.dtype
+
+
+def prefers_stacked_form(out_features: int, in_features: int, experts: int) -> bool:
+    """Stacked ``(tau_m S^T) S`` costs 2 N out^2 in per step, Gram ``tau_m C`` out in^2."""
+    return 2 * experts * out_features < in_features
+
+
+def interference_statistics(
+    task_vectors: Iterable[torch.Tensor],
+    *,
+    stacked: bool = False,
+    dtype: torch.dtype = torch.float32,
+    ridge_term: bool = False,
+) -> InterferenceStatistics:
+    """Accumulate C, D and the sums over task vectors, each read once.
+
+    ``ridge_term`` also accumulates ``weighted_sum``, which only the closed form
+    reads: an ``[out, in]`` float64 the Adam solver need not hold.
+
+    All-zero task vectors carry no direction (the paper's weight 1/||tau||^2 would
+    be infinite); they add nothing, which is also their exact share of the sum.
+    """
+    initial = target = gram = weighted_sum = None
+    rows = []
+    weight_total = 0.0
+    active = 0
+    for tau in task_vectors:
+        exact = tau.to(torch.float64)
+        if initial is None:
+            initial = torch.zeros_like(tau, dtype=dtype)
+            target = torch.zeros_like(exact)
+            if ridge_term:
+                weighted_sum = torch.zeros_like(exact)
+            if not stacked:
+                gram = exact.new_zeros((tau.shape[1], tau.shape[1]))
+        norm = torch.linalg.vector_norm(exact).item()
+        if norm == 0.0:
+            continue
+        active += 1
+        initial += tau.to(dtype)
+        tau = exact
+        unit = tau / norm
+        if ridge_term:
+            weighted_sum.add_(unit, alpha=1.0 / norm)
+        weight_total += 1.0 / norm**2
+        if stacked:
+            rows.append(unit)
+            target += (tau @ unit.T) @ unit
+        else:
+            unit_gram = unit.T @ unit
+            gram += unit_gram
+            target += tau @ unit_gram
+    if initial is None:
+        raise ValueError("WUDI needs at least one task vector")
+    return InterferenceStatistics(
+        initial=initial,
+        target=target,
+        gram=gram,
+        rows=torch.cat(rows) if stacked and rows else None,
+        weighted_sum=weighted_sum,
+        weight_total=weight_total,
+        active=active,
+        dtype=dtype,
+    )
+
+
+def solve_dtype(task_vectors: Iterable[torch.Tensor]) -> torch.dtype:
+    """float32 unless the task vectors' scale would over/underflow Adam's state."""
+    largest = max(float(tau.abs().max()) if tau.numel() else 0.0 for tau in task_vectors)
+    low, high = FLOAT32_SAFE_RANGE
+    return torch.float32 if largest == 0.0 or low <= largest <= high else torch.float64
+
+
+def times_gram(stats: InterferenceStatistics, merged: torch.Tensor) -> torch.Tensor:
+    """tau_m C in float64."""
+    merged = merged.to(torch.float64)
+    if stats.gram is not None:
+        return merged @ stats.gram
+    return (merged @ stats.rows.T) @ stats.rows
+
+
+def loss_less_constant(stats: InterferenceStatistics, merged: torch.Tensor) -> float:
+    """Eq. 21 less its tau_m-free term: <tau_m, tau_m C - 2 D>, in float64."""
+    return float((merged.to(torch.float64) * (times_gram(stats, merged) - 2 * stats.target)).sum())
+
+
+def interference_loss(merged: torch.Tensor, task_vectors: Iterable[torch.Tensor]) -> float:
+    """Eq. 21 evaluated directly (float64), zero task vectors contributing nothing."""
+    merged = merged.double()
+    total = 0.0
+    for tau in task_vectors:
+        tau = tau.double()
+        norm_sq = float((tau * tau).sum())
+        if norm_sq:
+            total += float(torch.linalg.matrix_norm((merged - tau) @ tau.T) ** 2) / norm_sq
+    return total
