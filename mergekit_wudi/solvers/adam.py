@@ -79,19 +79,6 @@ def wudi_adam(
     return merged
 
 
-def times_gram(stats: InterferenceStatistics, merged: torch.Tensor) -> torch.Tensor:
-    """tau_m C in float64."""
-    merged = merged.to(torch.float64)
-    if stats.gram is not None:
-        return merged @ stats.gram
-    return (merged @ stats.rows.T) @ stats.rows
-
-
-def loss_less_constant(stats: InterferenceStatistics, merged: torch.Tensor) -> float:
-    """Eq. 21 less its tau_m-free term: <tau_m, tau_m C - 2 D>, in float64."""
-    return float((merged.to(torch.float64) * (times_gram(stats, merged) - 2 * stats.target)).sum())
-
-
 def adam_descent(
     stats: InterferenceStatistics, iterations: int, learning_rate: float
 ) -> torch.Tensor:
