@@ -28,6 +28,16 @@ def authors_wudi(
     return merged.detach()
 
 
+def eq21(merged: torch.Tensor, task_vectors: Sequence[torch.Tensor]) -> float:
+    """sum_i ||(tau_m - tau_i) tau_i^T||^2 / ||tau_i||^2 as written, float64; zero
+    task vectors (which WUDI leaves out) contribute nothing."""
+    merged = merged.double()
+    return sum(
+        float(((merged - tau) @ tau.T).square().sum() / tau.square().sum())
+        for tau in (t.double() for t in task_vectors) if tau.any()
+    )
+
+
 def normal_equations_wudi_cfs(task_vectors: Sequence[torch.Tensor], omega: float) -> torch.Tensor:
     """Paper Eq. 20 written literally, in float64, with an explicit inverse."""
     taus = [tau.double() for tau in task_vectors]

@@ -20,6 +20,7 @@ from mergekit_wudi.solvers.closed_form import DEFAULT_OMEGA, wudi_closed_form
 from mergekit_wudi.solvers.statistics import (
     InterferenceStatistics,
     interference_loss,
+    interference_losses,
     interference_statistics,
     prefers_stacked_form,
     solve_dtype,
@@ -34,6 +35,7 @@ __all__ = [
     "adam_descent",
     "adam_steps",
     "interference_loss",
+    "interference_losses",
     "interference_statistics",
     "prefers_stacked_form",
     "solve_dtype",

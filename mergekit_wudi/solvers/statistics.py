@@ -19,7 +19,7 @@ cancel, and float32 copies of them would move the minimum itself.
 """
 
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence, Tuple
 
 import torch
 
@@ -49,6 +49,8 @@ class InterferenceStatistics:
     weight_total: float  # sum_i 1 / ||tau_i||^2 (closed form only)
     active: int  # task vectors that are not all zero
     dtype: torch.dtype
+    # Eq. 21's tau_m-free term sum_i ||tau_i tau_i^T||^2 / ||tau_i||^2; None unless asked for.
+    loss_constant: Optional[float] = None
 
 
 def prefers_stacked_form(out_features: int, in_features: int, experts: int) -> bool:
@@ -62,11 +64,14 @@ def interference_statistics(
     stacked: bool = False,
     dtype: torch.dtype = torch.float32,
     ridge_term: bool = False,
+    loss_constant: bool = False,
 ) -> InterferenceStatistics:
     """Accumulate C, D and the sums over task vectors, each read once.
 
     ``ridge_term`` also accumulates ``weighted_sum``, which only the closed form
     reads: an ``[out, in]`` float64 the Adam solver need not hold.
+    ``loss_constant`` also accumulates Eq. 21's constant term, for the loss itself
+    (``interference_losses``); no solver needs it.
 
     All-zero task vectors carry no direction (the paper's weight 1/||tau||^2 would
     be infinite); they add nothing, which is also their exact share of the sum.
@@ -74,6 +79,7 @@ def interference_statistics(
     initial = target = gram = weighted_sum = None
     rows = []
     weight_total = 0.0
+    constant = 0.0
     active = 0
     for tau in task_vectors:
         exact = tau.to(torch.float64)
@@ -94,13 +100,19 @@ def interference_statistics(
         if ridge_term:
             weighted_sum.add_(unit, alpha=1.0 / norm)
         weight_total += 1.0 / norm**2
+        # ||tau tau^T||^2 / ||tau||^2 = ||tau u^T||^2 = ||tau||^2 ||u^T u||^2.
         if stacked:
             rows.append(unit)
-            target += (tau @ unit.T) @ unit
+            projection = tau @ unit.T
+            target += projection @ unit
+            if loss_constant:
+                constant += float(projection.square().sum())
         else:
             unit_gram = unit.T @ unit
             gram += unit_gram
             target += tau @ unit_gram
+            if loss_constant:
+                constant += norm**2 * float(unit_gram.square().sum())
     if initial is None:
         raise ValueError("WUDI needs at least one task vector")
     return InterferenceStatistics(
@@ -112,6 +124,7 @@ def interference_statistics(
         weight_total=weight_total,
         active=active,
         dtype=dtype,
+        loss_constant=constant if loss_constant else None,
     )
 
 
@@ -133,6 +146,28 @@ def times_gram(stats: InterferenceStatistics, merged: torch.Tensor) -> torch.Ten
 def loss_less_constant(stats: InterferenceStatistics, merged: torch.Tensor) -> float:
     """Eq. 21 less its tau_m-free term: <tau_m, tau_m C - 2 D>, in float64."""
     return float((merged.to(torch.float64) * (times_gram(stats, merged) - 2 * stats.target)).sum())
+
+
+def interference_losses(
+    task_vectors: Sequence[torch.Tensor], merged: torch.Tensor
+) -> Tuple[float, float]:
+    """Eq. 21 at the sum of the task vectors and at ``merged``, in float64.
+
+    One pass over the task vectors, as a solve's statistics take: the cost of
+    about one Adam step per task vector, not the ``[out, out]`` products of
+    evaluating Eq. 21 as written (``interference_loss``).
+    """
+    out_features, in_features = task_vectors[0].shape
+    stats = interference_statistics(
+        task_vectors,
+        stacked=prefers_stacked_form(out_features, in_features, len(task_vectors)),
+        dtype=torch.float64,
+        loss_constant=True,
+    )
+    return tuple(
+        max(loss_less_constant(stats, point) + stats.loss_constant, 0.0)
+        for point in (stats.initial, merged)
+    )
 
 
 def interference_loss(merged: torch.Tensor, task_vectors: Iterable[torch.Tensor]) -> float:
