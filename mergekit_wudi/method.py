@@ -5,13 +5,9 @@ tensor gets task arithmetic with the same weights and ``lambda``:
 ``W_base + lambda * tau_m``, ``tau_m`` solved from ``weight_i * (W_i - W_base)``.
 """
 
-import math
-from enum import Enum
-from typing import Any, Callable, List, Sequence, Type
+from typing import Any, List, Sequence
 
 import torch
-from pydantic import BeforeValidator
-from typing_extensions import Annotated
 
 from mergekit.merge_methods.base import (
     BasePolicy,
@@ -19,96 +15,14 @@ from mergekit.merge_methods.base import (
     InputContract,
     MergeMethodSpec,
     OptionalTensorPolicy,
-    ParameterScope,
-    ParameterSpec,
     TensorEntry,
     TensorGroup,
 )
 from mergekit_wudi import solvers
-from mergekit_wudi.tensor_rules import ApplyWudi, Layout, wudi_layout
+from mergekit_wudi.parameters import PARAMETERS, Solver
+from mergekit_wudi.tensor_rules import Layout, wudi_layout
 
 METHOD_NAME = "wudi"
-
-
-class Solver(str, Enum):
-    ADAM = "adam"  # the paper's method (Algorithm 1)
-    CLOSED_FORM = "closed_form"  # WUDI-CFS, Eq. 20
-
-
-# mergekit validates parameters while planning, before any tensor is read; these
-# validators make that error name the parameter and the value at fault.
-def _number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise ValueError(f"wudi parameter {name!r} must be a number, got {value!r}")
-    try:
-        number = float(value)  # YAML reads 1e-5 as the string "1e-5"
-    except ValueError:
-        raise ValueError(
-            f"wudi parameter {name!r} must be a number, got {value!r}"
-        ) from None
-    if not math.isfinite(number):
-        raise ValueError(f"wudi parameter {name!r} must be finite, got {value!r}")
-    return number
-
-
-def _finite(name: str) -> Callable[[Any], float]:
-    return lambda value: _number(name, value)
-
-
-def _positive(name: str) -> Callable[[Any], float]:
-    def check(value: Any) -> float:
-        number = _number(name, value)
-        if number <= 0:
-            raise ValueError(f"wudi parameter {name!r} must be > 0, got {value!r}")
-        return number
-
-    return check
-
-
-def _count(name: str) -> Callable[[Any], int]:
-    def check(value: Any) -> int:
-        number = _number(name, value)
-        if number < 0 or number != int(number):
-            raise ValueError(
-                f"wudi parameter {name!r} must be a non-negative integer, got {value!r}"
-            )
-        return int(number)
-
-    return check
-
-
-def _choice(name: str, choices: Type[Enum]) -> Callable[[Any], Enum]:
-    def check(value: Any) -> Enum:
-        try:
-            return choices(value)
-        except ValueError:
-            allowed = ", ".join(choice.value for choice in choices)
-            raise ValueError(
-                f"wudi parameter {name!r} must be one of {allowed}; got {value!r}"
-            ) from None
-
-    return check
-
-
-def _parameter(name: str, check: Callable[[Any], Any], default: Any, scope=ParameterScope.SHARED):
-    return ParameterSpec(
-        name=name,
-        value_type=Annotated[Any, BeforeValidator(check)],
-        scope=scope,
-        default=default,
-    )
-
-
-PARAMETERS = (
-    _parameter("weight", _finite("weight"), 1.0, ParameterScope.NON_BASE),
-    _parameter("lambda", _finite("lambda"), 1.0),
-    _parameter("iterations", _count("iterations"), solvers.DEFAULT_ITERATIONS),
-    _parameter("learning_rate", _positive("learning_rate"), solvers.DEFAULT_LEARNING_RATE),
-    _parameter("solver", _choice("solver", Solver), Solver.ADAM),
-    _parameter("omega", _positive("omega"), solvers.DEFAULT_OMEGA),
-    _parameter("apply_wudi", _choice("apply_wudi", ApplyWudi), ApplyWudi.AUTO),
-    _parameter("layout", _choice("layout", Layout), Layout.AUTO),
-)
 
 
 class TaskVectors(Sequence[torch.Tensor]):

@@ -9,7 +9,10 @@ import sys
 from types import ModuleType
 from typing import Any, Callable, Iterable
 
+from mergekit.merge_methods.base import ParameterScope
+
 from mergekit_wudi.method import METHOD_NAME, wudi_merge
+from mergekit_wudi.parameters import ParameterValueError
 
 
 def _register_method(registry: ModuleType) -> None:
@@ -37,14 +40,34 @@ def check_parameter_names(spec: Any, settings: Iterable[Any]) -> None:
 
 def _checking_names(resolve_parameters: Callable[..., Any]) -> Callable[..., Any]:
     def resolve_parameters_checked(spec, *, inputs, sources, **kwargs):
-        if spec.name == METHOD_NAME:
-            check_parameter_names(
-                spec, [*sources(None), *(s for model in inputs for s in sources(model))]
-            )
-        return resolve_parameters(spec, inputs=inputs, sources=sources, **kwargs)
+        if spec.name != METHOD_NAME:
+            return resolve_parameters(spec, inputs=inputs, sources=sources, **kwargs)
+        check_parameter_names(
+            spec, [*sources(None), *(s for model in inputs for s in sources(model))]
+        )
+        try:
+            return resolve_parameters(spec, inputs=inputs, sources=sources, **kwargs)
+        except ParameterValueError as error:
+            named = _naming_the_model(error, resolve_parameters, spec, inputs, sources, kwargs)
+        # A plain ValueError, raised here: the last line of the traceback is the message.
+        raise ValueError(str(named)) from None
 
     resolve_parameters_checked.checks_wudi_names = True
     return resolve_parameters_checked
+
+
+def _naming_the_model(error, resolve_parameters, spec, inputs, sources, kwargs):
+    """mergekit validates per-model values without saying whose they are; resolve
+    one model at a time to find the model whose value ``error`` is about."""
+    scopes = {parameter.name: parameter.scope for parameter in spec.parameters}
+    if scopes.get(error.parameter) == ParameterScope.SHARED:
+        return error
+    for model, input_name in inputs.items():
+        try:
+            resolve_parameters(spec, inputs={model: input_name}, sources=sources, **kwargs)
+        except ParameterValueError as per_model:
+            return per_model.of_model(model)
+    return error
 
 
 def _guard_parameter_names(resolver: ModuleType) -> None:
