@@ -1,11 +1,13 @@
-"""The mergekit binding: WUDI's spec, its parameters, and the per-tensor kernel.
+"""The mergekit binding: WUDI's spec and the per-tensor kernel.
 
-Linear-layer weights (see ``tensor_rules``) get the WUDI solve; every other
-tensor gets task arithmetic with the same weights and ``lambda``:
-``W_base + lambda * tau_m``, ``tau_m`` solved from ``weight_i * (W_i - W_base)``.
+Linear-layer weights and MoE expert stacks (see ``tensor_rules``) get the WUDI
+solve, matrix by matrix (``problems``); every other tensor gets task arithmetic
+with the same weights and ``lambda``: ``W_base + lambda * tau_m``, ``tau_m``
+solved from (or, for task arithmetic, the sum of) ``weight_i * (W_i - W_base)``.
 """
 
-from typing import Any, List, Sequence
+import time
+from typing import Any, List
 
 import torch
 
@@ -15,96 +17,77 @@ from mergekit.merge_methods.base import (
     InputContract,
     MergeMethodSpec,
     OptionalTensorPolicy,
-    TensorEntry,
     TensorGroup,
 )
-from mergekit_wudi import solvers
-from mergekit_wudi.parameters import PARAMETERS, Solver
-from mergekit_wudi.tensor_rules import Layout, wudi_layout
+from mergekit_wudi import account, solvers
+from mergekit_wudi.parameters import PARAMETERS
+from mergekit_wudi.problems import TaskVectors, solve, stack_matrices, wudi_problems
+from mergekit_wudi.tensor_rules import TensorFate, tensor_fate
 
 METHOD_NAME = "wudi"
 
 
-class TaskVectors(Sequence[torch.Tensor]):
-    """``weight_i * (W_i - W_base)`` in float32, in the solve's ``[out, in]`` view.
-
-    Each is made when read, so peak memory does not grow with the number of experts.
-    """
-
-    def __init__(self, base: torch.Tensor, experts: List[torch.Tensor], weights: List[float], transpose: bool, dtype: torch.dtype):
-        self.base = base.to(dtype)
-        self.experts = experts
-        self.weights = weights
-        self.transpose = transpose
-        self.dtype = dtype
-
-    def __len__(self) -> int:
-        return len(self.experts)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        tau = (self.experts[index].to(self.dtype) - self.base).mul_(self.weights[index])
-        return tau.T if self.transpose else tau
-
-
-def check_finite(group: TensorGroup) -> None:
+def check_finite(group: TensorGroup, fate: TensorFate) -> None:
+    """NaN or Inf in any input is an error naming the tensor, the model, and for a
+    stack the first expert slice that holds it."""
     for entry in group.entries:
-        if entry.tensor.is_floating_point() and not torch.isfinite(entry.tensor).all():
+        tensor = entry.tensor
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             role = "base model" if entry.is_base else "model"
+            where = ""
+            if fate.stacked:
+                finite = torch.isfinite(tensor).flatten(1).all(dim=1)
+                where = f" in expert slice {int((~finite).nonzero()[0])}"
             raise ValueError(
                 f"wudi: tensor {group.metadata.name!r} of {role} {entry.id}"
-                " contains NaN or Inf; refusing to merge it"
+                f" contains NaN or Inf{where}; refusing to merge it"
             )
 
 
 def wudi_kernel(group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
-    check_finite(group)
+    started = time.perf_counter()
+    name = group.metadata.name
     base = group.base.tensor
+    fate = tensor_fate(
+        name, base.shape, group.metadata.vocabulary_axis,
+        parameters["apply_wudi"], parameters["layout"],
+    )
+    check_finite(group, fate)
     lam = parameters["lambda"]
-    # Experts that leave this tensor untouched (or weigh 0) contribute nothing.
-    contributing: List[TensorEntry] = [
-        entry
-        for entry in group.non_base
-        if parameters["weight"][entry.id] != 0 and not torch.equal(entry.tensor, base)
-    ]
-    if not contributing:
-        return base
-    weights = [parameters["weight"][entry.id] for entry in contributing]
-    if len(contributing) == 1 and lam * weights[0] == 1:
-        # The solve's exact answer is that expert; return it bit for bit.
-        return contributing[0].tensor
+    experts = [entry.tensor for entry in group.non_base]
+    weights = [parameters["weight"][entry.id] for entry in group.non_base]
+    ids = [entry.id for entry in group.non_base]
+    accounting = account.accounting()
+    losses = [0.0, 0.0] if accounting and fate.solved else None
+    changed = set()
 
-    layout = wudi_layout(
-        group.metadata.name,
-        base.shape,
-        group.metadata.vocabulary_axis,
-        parameters["apply_wudi"],
-        parameters["layout"],
-    )
-    dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
-    task_vectors = TaskVectors(
-        base, [entry.tensor for entry in contributing], weights,
-        transpose=layout == Layout.IN_OUT, dtype=dtype,
-    )
-    if layout is None:
-        merged = sum(task_vectors)
-    elif parameters["solver"] == Solver.CLOSED_FORM:
-        merged = solvers.wudi_closed_form(
-            task_vectors, omega=parameters["omega"], name=group.metadata.name
-        )
+    if fate.solved:
+        matrices: List[torch.Tensor] = []
+        for problem in wudi_problems(name, base, experts, weights, fate, ids):
+            changed.update(problem.ids)
+            exact = problem.exact_result(lam)
+            if exact is not None:
+                # Nothing to solve: Eq. 21 is 0 at the sum and at the result.
+                matrices.append(exact)
+                continue
+            merged = solve(problem, parameters, problem.name)
+            if accounting:
+                for index, loss in enumerate(solvers.interference_losses(problem, merged)):
+                    losses[index] += loss
+            matrices.append(problem.merged_weight(merged, lam))
+        result = stack_matrices(fate, matrices)
     else:
-        merged = solvers.wudi_adam(
-            task_vectors,
-            iterations=parameters["iterations"],
-            learning_rate=parameters["learning_rate"],
-            name=group.metadata.name,
-        )
-    if layout == Layout.IN_OUT:
-        merged = merged.T
-    result = (base.to(merged.dtype) + lam * merged).to(base.dtype)
-    if not torch.isfinite(result).all():
-        raise ValueError(
-            f"wudi: merged tensor {group.metadata.name!r} does not fit in {base.dtype}"
-            " (overflow to Inf); lower lambda or merge in a wider dtype"
+        everything = TaskVectors(base, experts, weights, ids, name=name)
+        changed.update(everything.ids)
+        result = everything.exact_result(lam)
+        if result is None:
+            result = everything.merged_weight(sum(everything), lam)
+
+    account.warn_fallback(name, base.shape, fate, [entry.id for entry in group.entries])
+    if accounting:
+        account.log_tensor(
+            name, base.shape, fate, parameters["solver"].value, len(changed), len(experts),
+            losses, time.perf_counter() - started,
         )
     return result
 
