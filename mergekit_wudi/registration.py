@@ -3,6 +3,8 @@
 ``register`` is idempotent and runs on ``import mergekit_wudi``. For mergekit's
 console scripts the startup hook ``_mergekit_wudi_startup`` (installed with a
 ``.pth`` file) calls it as soon as mergekit's registry or parameter resolver loads.
+It also wraps mergekit's ``resolve_parameters`` for WUDI: unknown parameter names
+are an error, and a bad value's error names the model it belongs to.
 """
 
 import sys
