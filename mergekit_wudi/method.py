@@ -7,7 +7,7 @@ tensor gets task arithmetic with the same weights and ``lambda``:
 
 import math
 from enum import Enum
-from typing import Any, Callable, List, Sequence, Type
+from typing import Any, Callable, List, Mapping, Optional, Sequence, Type
 
 import torch
 from pydantic import BeforeValidator
@@ -142,16 +142,41 @@ def check_finite(group: TensorGroup) -> None:
             )
 
 
+def contributing_experts(group: TensorGroup, weights: Mapping[Any, float]) -> List[TensorEntry]:
+    """The experts whose task vector enters the solve, in input order.
+
+    Experts that leave this tensor untouched (or weigh 0) contribute nothing.
+    """
+    base = group.base.tensor
+    return [
+        entry
+        for entry in group.non_base
+        if weights[entry.id] != 0 and not torch.equal(entry.tensor, base)
+    ]
+
+
+def working_dtype(stored: torch.dtype) -> torch.dtype:
+    """The dtype task vectors are formed in: float64 checkpoints stay float64."""
+    return torch.float64 if stored == torch.float64 else torch.float32
+
+
+def solve(task_vectors: Sequence[torch.Tensor], parameters: Mapping[str, Any], name: Optional[str]) -> torch.Tensor:
+    """The configured solver's merged task vector tau_m, in the ``[out, in]`` view."""
+    if parameters["solver"] == Solver.CLOSED_FORM:
+        return solvers.wudi_closed_form(task_vectors, omega=parameters["omega"], name=name)
+    return solvers.wudi_adam(
+        task_vectors,
+        iterations=parameters["iterations"],
+        learning_rate=parameters["learning_rate"],
+        name=name,
+    )
+
+
 def wudi_kernel(group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
     check_finite(group)
     base = group.base.tensor
     lam = parameters["lambda"]
-    # Experts that leave this tensor untouched (or weigh 0) contribute nothing.
-    contributing: List[TensorEntry] = [
-        entry
-        for entry in group.non_base
-        if parameters["weight"][entry.id] != 0 and not torch.equal(entry.tensor, base)
-    ]
+    contributing = contributing_experts(group, parameters["weight"])
     if not contributing:
         return base
     weights = [parameters["weight"][entry.id] for entry in contributing]
@@ -166,24 +191,14 @@ def wudi_kernel(group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
         parameters["apply_wudi"],
         parameters["layout"],
     )
-    dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
     task_vectors = TaskVectors(
         base, [entry.tensor for entry in contributing], weights,
-        transpose=layout == Layout.IN_OUT, dtype=dtype,
+        transpose=layout == Layout.IN_OUT, dtype=working_dtype(base.dtype),
     )
     if layout is None:
         merged = sum(task_vectors)
-    elif parameters["solver"] == Solver.CLOSED_FORM:
-        merged = solvers.wudi_closed_form(
-            task_vectors, omega=parameters["omega"], name=group.metadata.name
-        )
     else:
-        merged = solvers.wudi_adam(
-            task_vectors,
-            iterations=parameters["iterations"],
-            learning_rate=parameters["learning_rate"],
-            name=group.metadata.name,
-        )
+        merged = solve(task_vectors, parameters, group.metadata.name)
     if layout == Layout.IN_OUT:
         merged = merged.T
     result = (base.to(merged.dtype) + lam * merged).to(base.dtype)
