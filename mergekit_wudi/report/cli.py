@@ -73,7 +73,7 @@ def main(recipe: Path, report_dir: Path, no_solve: bool, quiet: bool, **merge_op
             progress=lambda results, total: tqdm.tqdm(
                 results, total=total, desc="Interference", unit="tensor", disable=quiet),
         ))
-    except (ValueError, RuntimeError) as error:
+    except (ValueError, TypeError, RuntimeError) as error:
         raise click.ClickException(f"{recipe}: {error}") from error
     report = render.build_report(
         tensors, experts,

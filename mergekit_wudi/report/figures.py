@@ -12,7 +12,7 @@ expert i's own input subspace (each direction weighted by how much tau_i uses it
 - ``zero``: no update at all (the base model); ``L(0) = sum_i ||tau_i tau_i^T||^2 / ||tau_i||^2``,
   the scale every other point is measured against (``relative``);
 - ``sum``: task arithmetic at lambda 1, WUDI's starting point;
-- ``average``: the sum divided by the number of experts;
+- ``average``: the sum divided by the number of experts (that are not all zero);
 - ``solution``: the configured solver's ``tau_m``;
 - ``merged``: ``lambda * tau_m``, the update the merge writes.
 
@@ -142,7 +142,8 @@ def interference_figures(
     stats = _statistics(task_vectors)
     trace, norm_sq = gram_trace_and_norm_sq(stats)
     total = stats.initial  # sum_i tau_i, float64
-    points = {"zero": None, "sum": total, "average": total / experts}
+    # The average over the experts that carry a direction, as in the solve.
+    points = {"zero": None, "sum": total, "average": total / max(stats.active, 1)}
     if solution is not None:
         points["solution"] = solution.to(torch.float64)
         points["merged"] = points["solution"] * lam
