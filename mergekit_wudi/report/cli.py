@@ -74,6 +74,8 @@ def main(recipe: Path, report_dir: Path, no_solve: bool, quiet: bool, **merge_op
                 results, total=total, desc="Interference", unit="tensor", disable=quiet),
         ))
     except (ValueError, TypeError, RuntimeError) as error:
+        if options.verbosity:
+            raise  # -v: the whole traceback
         raise click.ClickException(f"{recipe}: {error}") from error
     report = render.build_report(
         tensors, experts,

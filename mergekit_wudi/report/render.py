@@ -135,15 +135,18 @@ def summary_text(report: Mapping[str, Any]) -> str:
     if totals["loss"]:
         lines.append("Interference (Eq. 21) summed over the solved tensors; relative: base = 1")
         for point, value in totals["loss"].items():
-            if point != "zero":
+            # At lambda 1 "merged" is the solution itself.
+            if point != "zero" and not (point == "merged" and value == totals["loss"]["solution"]):
                 lines.append(f"  {POINT_LABELS[point]:<28} {_number(value):>11}"
                              f"   relative {_number(totals['relative'][point], 3)}")
         if totals["removed"] is not None:
             lines.append(f"  WUDI removes {_percent(totals['removed'])} of task arithmetic's interference.")
-        lines.append(f"Most interfering tensors (relative interference at task arithmetic):")
-        lines.append(f"  {'tensor':<48} {'sum':>8} {'WUDI':>8} {'removed':>8}")
-        for row in most_interfering(report):
-            lines.append(f"  {row['name']:<48} {_number(row['relative']['sum'], 3):>8}"
+        lines.append("Most interfering tensors (relative interference at task arithmetic):")
+        top = most_interfering(report)
+        width = max(len(row["name"]) for row in top)
+        lines.append(f"  {'tensor':<{width}} {'sum':>8} {'WUDI':>8} {'removed':>8}")
+        for row in top:
+            lines.append(f"  {row['name']:<{width}} {_number(row['relative']['sum'], 3):>8}"
                          f" {_number(row['relative'].get('solution'), 3):>8}"
                          f" {_percent(row['removed']):>8}")
     return "\n".join(lines)
