@@ -85,6 +85,19 @@ def test_every_plot_is_a_png_with_content(solve):
         assert len(np.unique(image.reshape(-1, 3), axis=0)) > 100, name
 
 
+def test_names_without_layer_numbers_get_every_plot_but_the_per_layer_curves(recwarn):
+    generator = torch.Generator().manual_seed(1)
+    tensors = []
+    for name in ("fc1.weight", "fc2.weight"):
+        taus = [torch.randn(8, 8, generator=generator) for _ in range(2)]
+        tensors.append(TensorReport(name=name, shape=[8, 8], dtype="float32", fate="wudi",
+                                    reason="solved", summary=summarise(interference_figures(taus, sum(taus)))))
+    images = plots(build_report(tensors, EXPERTS[:2], recipe={}, options={}, versions={}))
+    assert set(images) == set(PLOTS) - {"layers.png"}
+    warned = [str(w.message) for w in recwarn if issubclass(w.category, UserWarning)]
+    assert not warned, warned  # e.g. matplotlib's empty-legend warning
+
+
 def test_a_report_with_nothing_solved_has_no_plots_and_still_a_page():
     report = build_report(synthetic_tensors()[-1:], EXPERTS, recipe={}, options={}, versions={})
     assert plots(report) == {}

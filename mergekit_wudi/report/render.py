@@ -326,10 +326,14 @@ PLOT_CAPTIONS = {
 
 
 def plots(report: Mapping[str, Any]) -> Dict[str, bytes]:
-    """Every plot as PNG bytes (none when no tensor is solved)."""
-    if not solved(report):
+    """Every plot as PNG bytes: none when no tensor is solved, no per-layer curves
+    when no solved tensor's name carries a layer number."""
+    rows = solved(report)
+    if not rows:
         return {}
-    return {name: draw(report) for name, draw in PLOTS.items()}
+    layered = any(row["layer"] is not None for row in rows)
+    return {name: draw(report) for name, draw in PLOTS.items()
+            if layered or name != "layers.png"}
 
 
 # ---------------------------------------------------------------- report.html
