@@ -18,7 +18,6 @@ and in which view, the solver) is the kernel's own rule, called, in
 """
 
 import dataclasses
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
@@ -49,8 +48,6 @@ from mergekit_wudi.method import (
 )
 from mergekit_wudi.report.figures import Summary, interference_figures, summarise
 from mergekit_wudi.tensor_rules import Layout, wudi_layout
-
-LOG = logging.getLogger(__name__)
 
 PROBE_NAME = "wudi (interference report)"
 
@@ -230,7 +227,9 @@ def expert_models(config: MergeConfiguration) -> List[ModelReference]:
     return [model for model in dict.fromkeys(listed) if model != config.base_model]
 
 
-def plan_report(config: MergeConfiguration, options: MergeOptions, run_solver: bool) -> List[TensorReportTask]:
+def plan_report(
+    config: MergeConfiguration, options: MergeOptions, run_solver: bool
+) -> List[TensorReportTask]:
     """One task per tensor the merge would write, in mergekit's plan order.
 
     Like ``mergekit-yaml``, this first loads every referenced model's index,
@@ -259,7 +258,9 @@ def plan_report(config: MergeConfiguration, options: MergeOptions, run_solver: b
     ]
 
 
-def run_report(tasks: Sequence[TensorReportTask], options: MergeOptions, progress=None) -> Iterator[TensorReport]:
+def run_report(
+    tasks: Sequence[TensorReportTask], options: MergeOptions, progress=None
+) -> Iterator[TensorReport]:
     """Each tensor's report, one tensor's inputs in memory at a time (mergekit's scheduler).
 
     ``progress`` wraps the iterator of finished tensors (e.g. ``tqdm``, with ``total``).
