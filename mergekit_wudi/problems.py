@@ -26,8 +26,8 @@ class TaskVectors(Sequence[torch.Tensor]):
     Models whose weight is 0 or whose tensor equals the base's contribute
     nothing, exactly as if absent: they are left out (``ids`` lists the models
     kept, ``weights`` their weights). Each task vector is made when read, in
-    float32 (float64 for float64 storage) and transposed to ``[out, in]`` if
-    ``transpose``, so peak memory does not grow with the number of models.
+    ``dtype`` (by default float32, float64 for float64 storage) and transposed to
+    ``[out, in]`` if ``transpose``, so peak memory does not grow with the number of models.
     ``name`` labels messages: the tensor's name, ``name[e]`` for expert slice e.
     """
 
@@ -40,6 +40,7 @@ class TaskVectors(Sequence[torch.Tensor]):
         *,
         transpose: bool = False,
         name: Optional[str] = None,
+        dtype: Optional[torch.dtype] = None,
     ):
         ids = list(range(len(experts))) if ids is None else list(ids)
         kept = [
@@ -52,7 +53,9 @@ class TaskVectors(Sequence[torch.Tensor]):
         self.ids = [ids[index] for index in kept]
         self.transpose = transpose
         self.name = name
-        self.dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
+        if dtype is None:
+            dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
+        self.dtype = dtype
         self._working_base = base.to(self.dtype)
 
     def __len__(self) -> int:

@@ -45,3 +45,26 @@ def test_mergekit_yaml_device_flags(flags, families, tmp_path):
     cpu, gpu = load_weights(cpu_out), load_weights(gpu_out)
     for name in cpu:
         assert relative_error(gpu[name], cpu[name]) < 1e-4, name
+
+
+def test_interference_report_on_cuda_matches_cpu(families, tmp_path):
+    import json
+
+    import yaml
+
+    base, *experts = families("llama")
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text(yaml.safe_dump({
+        "merge_method": "wudi", "base_model": str(base),
+        "models": [{"model": str(e)} for e in experts], "dtype": "float32",
+    }))
+    reports = {}
+    for name, flags in (("cpu", []), ("cuda", ["--cuda"])):
+        result = run_console_script("mergekit-wudi-report", recipe, tmp_path / name, "--quiet", *flags)
+        assert result.returncode == 0, result.stderr[-3000:]
+        reports[name] = json.loads((tmp_path / name / "report.json").read_text())["tensors"]
+    for cpu, gpu in zip(reports["cpu"], reports["cuda"]):
+        assert cpu["name"] == gpu["name"] and cpu["fate"] == gpu["fate"]
+        if cpu["fate"] == "wudi":
+            for point, loss in cpu["loss"].items():
+                assert gpu["loss"][point] == pytest.approx(loss, rel=1e-4), (cpu["name"], point)
