@@ -33,11 +33,12 @@ METHOD_NAME = "wudi"
 class Solver(str, Enum):
     ADAM = "adam"  # the paper's method (Algorithm 1)
     CLOSED_FORM = "closed_form"  # WUDI-CFS, Eq. 20
+    SPECTRAL = "spectral"  # the gradient flow of Eq. 21 by eigendecomposition (OptMerge)
 
 
 # mergekit validates parameters while planning, before any tensor is read; these
 # validators make that error name the parameter and the value at fault.
-def _number(name: str, value: Any) -> float:
+def _number(name: str, value: Any, infinity: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise ValueError(f"wudi parameter {name!r} must be a number, got {value!r}")
     try:
@@ -46,8 +47,9 @@ def _number(name: str, value: Any) -> float:
         raise ValueError(
             f"wudi parameter {name!r} must be a number, got {value!r}"
         ) from None
-    if not math.isfinite(number):
-        raise ValueError(f"wudi parameter {name!r} must be finite, got {value!r}")
+    if math.isnan(number) or (math.isinf(number) and not infinity):
+        kind = "a number or .inf" if infinity else "finite"
+        raise ValueError(f"wudi parameter {name!r} must be {kind}, got {value!r}")
     return number
 
 
@@ -73,6 +75,34 @@ def _count(name: str) -> Callable[[Any], int]:
                 f"wudi parameter {name!r} must be a non-negative integer, got {value!r}"
             )
         return int(number)
+
+    return check
+
+
+def _time(name: str) -> Callable[[Any], float]:
+    def check(value: Any) -> float:
+        number = _number(name, value, infinity=True)  # YAML's .inf: run to the limit
+        if number < 0:
+            raise ValueError(f"wudi parameter {name!r} must be >= 0, got {value!r}")
+        return number
+
+    return check
+
+
+def _ratio_or_auto(name: str) -> Callable[[Any], Any]:
+    def check(value: Any) -> Any:
+        if value == solvers.AUTOMATIC_RANK:
+            return value
+        try:
+            number = _number(name, value)
+        except ValueError:
+            number = math.nan
+        if not 0 < number <= 1:
+            raise ValueError(
+                f"wudi parameter {name!r} must be a number in (0, 1] or"
+                f" {solvers.AUTOMATIC_RANK!r}, got {value!r}"
+            )
+        return number
 
     return check
 
@@ -106,6 +136,10 @@ PARAMETERS = (
     _parameter("learning_rate", _positive("learning_rate"), solvers.DEFAULT_LEARNING_RATE),
     _parameter("solver", _choice("solver", Solver), Solver.ADAM),
     _parameter("omega", _positive("omega"), solvers.DEFAULT_OMEGA),
+    _parameter("flow_time", _time("flow_time"), solvers.DEFAULT_FLOW_TIME),
+    _parameter("rank_ratio", _ratio_or_auto("rank_ratio"), solvers.DEFAULT_RANK_RATIO),
+    _parameter("rank_rule", _choice("rank_rule", solvers.RankRule),
+               solvers.RankRule.PARTICIPATION_SQRT),
     _parameter("apply_wudi", _choice("apply_wudi", ApplyWudi), ApplyWudi.AUTO),
     _parameter("layout", _choice("layout", Layout), Layout.AUTO),
 )
@@ -173,6 +207,13 @@ def wudi_kernel(group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
     )
     if layout is None:
         merged = sum(task_vectors)
+    elif parameters["solver"] == Solver.SPECTRAL:
+        merged = solvers.wudi_spectral(
+            task_vectors,
+            flow_time=parameters["flow_time"],
+            rank_ratio=parameters["rank_ratio"],
+            rank_rule=parameters["rank_rule"],
+        )
     elif parameters["solver"] == Solver.CLOSED_FORM:
         merged = solvers.wudi_closed_form(
             task_vectors, omega=parameters["omega"], name=group.metadata.name
