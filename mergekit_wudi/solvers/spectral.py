@@ -29,7 +29,7 @@ with no division by unclamped eigenvalues. C's other ``in - N out`` eigenvalues 
 
 import math
 from enum import Enum
-from typing import Sequence, Union
+from typing import Sequence, Tuple, Union
 
 import torch
 
@@ -81,7 +81,7 @@ def wudi_spectral(
         stacked=prefers_row_space(out_features, in_features, len(task_vectors)),
         dtype=EIGEN_DTYPE,
     )
-    return spectral_solve(stats, flow_time, rank_ratio, rank_rule)
+    return spectral_solve(stats, flow_time, rank_ratio, rank_rule, EIGEN_DTYPE)
 
 
 def spectral_solve(
@@ -89,17 +89,19 @@ def spectral_solve(
     flow_time: float,
     rank_ratio: Union[float, str],
     rank_rule: Union[RankRule, str],
+    dtype: torch.dtype,
 ) -> torch.Tensor:
-    """``wudi_spectral`` from the statistics (Gram or stacked form, ``initial`` in EIGEN_DTYPE)."""
+    """``wudi_spectral`` from the statistics (Gram or stacked form), working in ``dtype``."""
+    start = stats.initial.to(dtype)
     if stats.active <= 1 or flow_time == 0:
         # One expert: the sum is the minimum and every filter leaves it there.
-        return stats.initial
-    out_features, in_features = stats.initial.shape
+        return start
+    out_features, in_features = start.shape
     if stats.rows is None:
-        eigenvalues, vectors = torch.linalg.eigh(stats.gram.to(EIGEN_DTYPE))
+        eigenvalues, vectors = torch.linalg.eigh(stats.gram.to(dtype))
         null_count = 0
     else:
-        rows = stats.rows.to(EIGEN_DTYPE)
+        rows = stats.rows.to(dtype)
         eigenvalues, vectors = torch.linalg.eigh(rows @ rows.T)
         null_count = in_features - rows.shape[0]
     eigenvalues = eigenvalues.clamp_min(MIN_EIGENVALUE)  # ascending
@@ -111,12 +113,12 @@ def spectral_solve(
     # 1 - exp(-lam t), exactly 1 at t = inf (lam >= MIN_EIGENVALUE > 0).
     flow = -torch.expm1(-eigenvalues * flow_time)
     if stats.rows is None:
-        coefficients = (stats.target.to(EIGEN_DTYPE) @ vectors) * (flow / eigenvalues)
-        coefficients -= (stats.initial @ vectors) * flow
-        return stats.initial + coefficients @ vectors.T
-    start, target = row_space_coefficients(stats, vectors)
-    coefficients = target * (flow / eigenvalues) - start * flow
-    return stats.initial + coefficients @ (vectors.T @ rows)
+        coefficients = (stats.target.to(dtype) @ vectors) * (flow / eigenvalues)
+        coefficients -= (start @ vectors) * flow
+        return start + coefficients @ vectors.T
+    start_part, target_part = row_space_coefficients(rows, stats.norms, vectors)
+    coefficients = target_part * (flow / eigenvalues) - start_part * flow
+    return start + coefficients @ (vectors.T @ rows)
 
 
 def prefers_row_space(out_features: int, in_features: int, experts: int) -> bool:
@@ -124,14 +126,14 @@ def prefers_row_space(out_features: int, in_features: int, experts: int) -> bool
     return experts * out_features < in_features
 
 
-def row_space_coefficients(stats: InterferenceStatistics, vectors: torch.Tensor):
-    """``A U`` and ``B U`` (module docstring) for eigenvectors U of S S^T."""
-    out_features = stats.initial.shape[0]
-    rows = stats.rows.to(EIGEN_DTYPE)
-    start = torch.zeros((out_features, vectors.shape[1]), dtype=EIGEN_DTYPE,
-                        device=vectors.device)
+def row_space_coefficients(
+    rows: torch.Tensor, norms: Sequence[float], vectors: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``A U`` and ``B U`` (module docstring) for eigenvectors U of S S^T = rows rows^T."""
+    out_features = rows.shape[0] // len(norms)
+    start = vectors.new_zeros((out_features, vectors.shape[1]))
     target = torch.zeros_like(start)
-    for index, norm in enumerate(stats.norms):
+    for index, norm in enumerate(norms):
         block = slice(index * out_features, (index + 1) * out_features)
         unit = rows[block]
         start.add_(vectors[block], alpha=norm)
