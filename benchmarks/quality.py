@@ -81,8 +81,10 @@ def full_merges() -> List[Merge]:
         *(wudi(f"wudi closed_form ω={omega:g}", solver="closed_form", omega=omega)
           for omega in (1e-5, 1e-4, 1e-3, 1e-2)),
         # The authors' follow-up (OptMerge): the gradient flow at time t (300 is the
-        # default), SWUDI at their two reported settings, ASWUDI with each rule.
-        *(spectral(f"t={t:g}", flow_time=t) for t in (300.0, 1000.0, 3000.0, 10000.0, math.inf)),
+        # default; 30 and 100 in case the peak lies below it), SWUDI at their two
+        # reported settings, ASWUDI with each rule.
+        *(spectral(f"t={t:g}", flow_time=t)
+          for t in (30.0, 100.0, 300.0, 1000.0, 3000.0, 10000.0, math.inf)),
         spectral("SWUDI t=300 r=0.85", flow_time=300.0, rank_ratio=0.85),
         spectral("SWUDI t=1300 r=0.65", flow_time=1300.0, rank_ratio=0.65),
         *(spectral(f"ASWUDI {rule}", flow_time=math.inf, rank_ratio="auto", rank_rule=rule)

@@ -302,14 +302,14 @@ def print_whole_solve_table(rows, projected: bool):
     )
 
 
-def print_solve_memory_table(device):
+def print_solve_memory_table(device, shapes):
     names = ("ours", "spectral", "closed_form")
     header = ["weight [out,in]", "N", "one tau MiB", "Adam MiB", "spectral MiB",
               "closed form MiB", "spectral / Adam"]
     table = []
-    for shape in SOLVE_MEMORY_SHAPES:
+    for shape in shapes:
         for experts in SOLVE_EXPERTS:
-            if shape[1] > PRECISION_MAX_IN and experts != SOLVE_EXPERTS[0]:
+            if shape not in VIT_SHAPES and experts != SOLVE_EXPERTS[0]:
                 continue  # one LLaMA row, N = 3: each probe repeats a whole solve
             peaks = [measure_in_subprocess(name, shape, experts, device) for name in names]
             table.append([weight(shape), str(experts), f"{shape[0] * shape[1] * 4 / MIB:.1f}"]
@@ -521,6 +521,8 @@ def main(argv=None) -> None:
     parser.add_argument("--adam-steps", type=int,
                         help="Adam steps timed per weight in the spectral table "
                              "(CPU 5 on ViT shapes and 2 on LLaMA ones, CUDA 299)")
+    parser.add_argument("--shape", action="append", type=parse_shape, metavar="OUTxIN",
+                        help="spectral table: only this weight shape (repeatable)")
     parser.add_argument("--gram-path-budget", type=float, default=120.0,
                         help="seconds the in x in path of a row-space spectral solve may be "
                              "estimated to take before it is skipped")
@@ -562,9 +564,14 @@ def main(argv=None) -> None:
           f"load average at end {os.getloadavg()[0]:.2f}.")
 
 
+def parse_shape(text: str):
+    out_features, in_features = map(int, text.lower().split("x"))
+    return out_features, in_features
+
+
 def spectral_table(args, vit_steps, llama_steps):
     rows = []
-    for shape in SOLVE_SHAPES:
+    for shape in args.shape or SOLVE_SHAPES:
         if args.skip_llama and shape not in VIT_SHAPES:
             continue
         steps = args.adam_steps or (vit_steps if shape in VIT_SHAPES else llama_steps)
@@ -579,7 +586,8 @@ def spectral_table(args, vit_steps, llama_steps):
               f"{sorted({row['adam_steps'] + 1 for row in rows})} steps (projected).\n")
     print_whole_solve_table(rows, projected)
     print("\n## Peak extra memory of one whole solve (Adam, spectral, closed form)\n")
-    print_solve_memory_table(args.device)
+    print_solve_memory_table(args.device, [shape for shape in SOLVE_MEMORY_SHAPES
+                                           if shape in {row["shape"] for row in rows}])
     print("\n## Spectral targets\n")
     print_spectral_targets(rows)
 
