@@ -17,6 +17,7 @@ retrain); the table goes to ``benchmarks/results/quality.md`` and the plot to
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -63,6 +64,13 @@ def task_arithmetic(lam: float) -> Merge:
                  (("weight", 1.0),))
 
 
+SPECTRAL = "wudi spectral"
+
+
+def spectral(label: str, **parameters) -> Merge:
+    return wudi(f"{SPECTRAL} {label}", solver="spectral", **parameters)
+
+
 def full_merges() -> List[Merge]:
     """Every merge of the full benchmark; the WUDI defaults are lambda 1, 300 Adam steps, lr 1e-5."""
     return [
@@ -72,6 +80,15 @@ def full_merges() -> List[Merge]:
         *(wudi(f"wudi learning_rate={lr:g}", learning_rate=lr) for lr in (3e-5, 1e-4)),
         *(wudi(f"wudi closed_form ω={omega:g}", solver="closed_form", omega=omega)
           for omega in (1e-5, 1e-4, 1e-3, 1e-2)),
+        # The authors' follow-up (OptMerge): the gradient flow at time t (300 is the
+        # default; 30 and 100 in case the peak lies below it), SWUDI at their two
+        # reported settings, ASWUDI with each rule.
+        *(spectral(f"t={t:g}", flow_time=t)
+          for t in (30.0, 100.0, 300.0, 1000.0, 3000.0, 10000.0, math.inf)),
+        spectral("SWUDI t=300 r=0.85", flow_time=300.0, rank_ratio=0.85),
+        spectral("SWUDI t=1300 r=0.65", flow_time=1300.0, rank_ratio=0.65),
+        *(spectral(f"ASWUDI {rule}", flow_time=math.inf, rank_ratio="auto", rank_rule=rule)
+          for rule in ("participation_sqrt", "gavish_donoho")),
         # Down to 0.1: the best task arithmetic setting must lie inside the sweep.
         *(task_arithmetic(lam) for lam in (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)),
         Merge("ties density=0.5", "ties", (("lambda", 1.0),), (("weight", 1.0), ("density", 0.5))),
@@ -114,18 +131,27 @@ def merge_and_score(merge: Merge, family: Family, tasks: Sequence[Task], scratch
         shutil.rmtree(out)  # 90 MB each; only the scores are kept
 
 
+def gain_kept(rows: Mapping[str, Scores], label: str) -> float:
+    """Share of fine-tuning's gain a merge keeps, in normalised points:
+    (merge - pretrained) / (experts - pretrained), the experts being 100."""
+    pretrained = normalised_average(rows[PRETRAINED], rows[EXPERTS])
+    return (normalised_average(rows[label], rows[EXPERTS]) - pretrained) / (100.0 - pretrained)
+
+
 def markdown_table(rows: Mapping[str, Scores]) -> str:
     experts = rows[EXPERTS]
     tasks = list(experts)
     lines = [
-        "| method | " + " | ".join(tasks) + " | average | normalised (experts = 100) |",
-        "|---" * (len(tasks) + 3) + "|",
+        "| method | " + " | ".join(tasks)
+        + " | average | normalised (experts = 100) | gain kept |",
+        "|---" * (len(tasks) + 4) + "|",
     ]
     for label, scores in rows.items():
         cells = [f"{scores[task]:.1f}" for task in tasks]
         average = sum(scores.values()) / len(scores)
         lines.append(f"| {label} | " + " | ".join(cells)
-                     + f" | {average:.1f} | {normalised_average(scores, experts):.1f} |")
+                     + f" | {average:.1f} | {normalised_average(scores, experts):.1f}"
+                     + f" | {gain_kept(rows, label):.0%} |")
     return "\n".join(lines)
 
 
@@ -140,7 +166,8 @@ def summary(rows: Mapping[str, Scores]) -> List[str]:
         return normalised_average(rows[label], rows[EXPERTS])
 
     best_ta, best_cf = best(rows, "task arithmetic"), best(rows, "wudi closed_form")
-    best_wudi = best(rows, "wudi")
+    best_wudi, best_spectral = best(rows, "wudi"), best(rows, SPECTRAL)
+    flow_sweep = [label for label in rows if label.startswith(f"{SPECTRAL} t=")]
     defaults, margin = normalised("wudi (defaults)"), normalised("wudi (defaults)") - normalised(best_ta)
     met = margin >= TARGET_MARGIN and defaults >= TARGET_NORMALISED
     return [
@@ -150,6 +177,14 @@ def summary(rows: Mapping[str, Scores]) -> List[str]:
         f" >= {TARGET_NORMALISED:g}): {'met' if met else 'NOT met'}.",
         f"- Best WUDI setting: {best_wudi} ({normalised(best_wudi):.1f}).",
         f"- Best closed-form omega: {best_cf} ({normalised(best_cf):.1f}).",
+        f"- Best spectral setting: {best_spectral} ({normalised(best_spectral):.1f},"
+        f" {gain_kept(rows, best_spectral):.0%} of fine-tuning's gain; Adam WUDI defaults"
+        f" {gain_kept(rows, 'wudi (defaults)'):.0%}): it"
+        f" {'matches or beats' if normalised(best_spectral) >= defaults else 'trails'}"
+        " Adam WUDI at its defaults.",
+        "- Spectral flow_time sweep: " + ", ".join(
+            f"{label[len(SPECTRAL) + 1:]} {normalised(label):.1f}" for label in flow_sweep)
+        + f"; peak at {best(rows, f'{SPECTRAL} t=')[len(SPECTRAL) + 1:]}.",
     ]
 
 

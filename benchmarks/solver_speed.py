@@ -1,6 +1,8 @@
-"""Speed and memory of the WUDI solver against the authors' formulation (project issue 3).
+"""Speed and memory of the WUDI solvers: ours against the authors' formulation (project
+issue 3), and the spectral solver against Adam and the closed form (issue 11).
 
-    python benchmarks/solver_speed.py                  # CPU: about 13 min on 2 idle cores
+    python benchmarks/solver_speed.py                  # CPU: about 13 min + the spectral table
+    python benchmarks/solver_speed.py --spectral-only  # the spectral table alone
     python benchmarks/solver_speed.py --threads 1 --cpu-time   # a CPU shared with other jobs
     python benchmarks/solver_speed.py --device cuda    # GPU: the paper's 300 steps
 
@@ -50,9 +52,24 @@ same way as a calibration. The result counts as extra memory.
 
 TF32 (CUDA only): the same solve with ``torch.set_float32_matmul_precision("high")``
 against the default ``"highest"`` (true float32).
+
+Spectral table (whole solve per weight, setup included). The statistics (C, D:
+``solvers.interference_statistics``) are computed once per weight and timed as
+"setup"; each solver's time is that setup plus its own work on it: the spectral
+solve at its defaults (t = 300, no cut; where ``N out < in`` from the stacked
+statistics, timed apart, and the smaller ``S S^T``), Adam's 300 steps (on CPU
+projected from the measured average step, as in the first table: a full run would
+take an hour on the largest shape), the closed form's Cholesky solve. Where the
+spectral solve uses the row space, the ``in x in`` Gram path is timed too if its
+estimate (the row-space solve's time times ``(in / N out)^3``) fits in
+``--gram-path-budget``, to show whether the smaller side pays. On ViT shapes the
+solve is repeated in float32 to measure what float64 buys (``spectral.EIGEN_DTYPE``):
+Frobenius-relative differences of the update ``result - sum_i tau_i``, at t = 300
+and at t = inf (no cut), where ``f / lam`` divides by eigenvalues down to 1e-8.
 """
 
 import argparse
+import dataclasses
 import functools
 import math
 import os
@@ -69,6 +86,7 @@ sys.path.insert(0, str(REPO_ROOT))
 import torch  # noqa: E402
 
 from mergekit_wudi import solvers  # noqa: E402
+from mergekit_wudi.solvers import spectral  # noqa: E402
 from tests.oracle import authors_wudi, relative_error, structured_task_vectors  # noqa: E402
 
 VIT_SHAPES = [(2304, 768), (768, 768), (3072, 768), (768, 3072)]
@@ -80,9 +98,18 @@ MEMORY_PROBE_STEPS = 2
 MIB = 2**20
 CALIBRATION_BYTES = 64 * MIB
 
+SOLVE_SHAPES = VIT_SHAPES + [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]
+SOLVE_EXPERTS = (3, 8)
+SOLVE_MEMORY_SHAPES = VIT_SHAPES + [(4096, 4096)]
+PRECISION_MAX_IN = 3072  # float32-vs-float64 comparison on the ViT shapes only
+ADAM_STEPS = 300
+
 SOLVERS = {
     "ours": solvers.wudi_adam,
     "authors": authors_wudi,
+    "spectral": lambda task_vectors, iterations: solvers.wudi_spectral(task_vectors),
+    "closed_form": lambda task_vectors, iterations: solvers.wudi_closed_form(
+        task_vectors, omega=solvers.DEFAULT_OMEGA),
     "calibration": lambda task_vectors, iterations: torch.ones(
         CALIBRATION_BYTES // 4, device=task_vectors[0].device
     ),
@@ -95,6 +122,10 @@ LONG_RUN = ((768, 768), 8)  # the cheapest reference, run for the paper's 300 st
 AGREEMENT_TARGET = 1e-5
 THROUGHPUT_TARGET = 0.8
 MEMORY_GROWTH_TOLERANCE = 1.05  # N=8 over N=2, allowing for page-granular noise
+# Issue 11: the spectral solve at least 10x faster than ours with Adam, whole solve, N = 3.
+SPECTRAL_SPEEDUP_TARGET = 10.0
+SPECTRAL_TARGET_SHAPES = [(3072, 768), (2304, 768), (768, 768), (4096, 4096)]
+SPECTRAL_TARGET_EXPERTS = 3
 
 
 def synchronize(device: torch.device) -> None:
@@ -201,6 +232,102 @@ def compare(shape, experts, steps, device, repeats, closed_form, reference_budge
     if device.type == "cuda":
         row["tf32"] = tf32_differences(task_vectors, 1 + steps, ours)
     return row
+
+
+def spectral_defaults(stats, dtype=spectral.EIGEN_DTYPE, flow_time=solvers.DEFAULT_FLOW_TIME):
+    return solvers.spectral_solve(stats, flow_time, solvers.DEFAULT_RANK_RATIO,
+                                  solvers.RankRule.PARTICIPATION_SQRT, dtype)
+
+
+def whole_solves(shape, experts, adam_steps, device, repeats, gram_path_budget):
+    """One row of the spectral table: seconds per weight of each solver, setup included."""
+    out_features, in_features = shape
+    task_vectors = [t.to(device) for t in structured_task_vectors(experts, *shape, seed=0)]
+    initial = sum(t.double() for t in task_vectors)
+    row = {"shape": shape, "experts": experts, "adam_steps": adam_steps}
+    row["setup"], gram_stats = seconds(lambda: solvers.interference_statistics(
+        task_vectors, dtype=torch.float64, ridge_term=True), device)
+    row["row_space"] = solvers.prefers_row_space(out_features, in_features, experts)
+    if row["row_space"]:
+        row["spectral_setup"], stats = seconds(lambda: solvers.interference_statistics(
+            task_vectors, stacked=True, dtype=spectral.EIGEN_DTYPE), device)
+    else:
+        row["spectral_setup"], stats = row["setup"], gram_stats
+    solve, result = seconds(lambda: spectral_defaults(stats), device)
+    row["spectral"] = row["spectral_setup"] + solve
+    if row["row_space"]:
+        estimate = solve * (in_features / (experts * out_features)) ** 3
+        if estimate <= gram_path_budget:
+            gram_solve, gram_result = seconds(lambda: spectral_defaults(gram_stats), device)
+            row["gram_path"] = row["setup"] + gram_solve
+            row["path_difference"] = relative_error(gram_result - initial, result - initial)
+        else:
+            row["gram_path_skip"] = f"skipped: est. {estimate:.0f} s"
+    del stats
+    if in_features <= PRECISION_MAX_IN:
+        infinite = spectral_defaults(gram_stats, flow_time=math.inf)
+        row["float32"] = [
+            relative_error(spectral_defaults(gram_stats, torch.float32, flow_time) - initial,
+                           exact - initial)
+            for flow_time, exact in ((solvers.DEFAULT_FLOW_TIME, result), (math.inf, infinite))
+        ]
+    # Adam works on float32 statistics; the float64 sum rounded once is its start.
+    adam_stats = dataclasses.replace(
+        gram_stats, initial=gram_stats.initial.float(), dtype=torch.float32, weighted_sum=None)
+    step, _, _ = ours_and_plain_seconds(adam_stats, adam_steps, device, repeats)
+    del adam_stats
+    row["adam"] = row["setup"] + ADAM_STEPS * step
+    solve, _ = seconds(lambda: solvers.closed_form_solve(gram_stats, solvers.DEFAULT_OMEGA),
+                       device)
+    row["closed_form"] = row["setup"] + solve
+    return row
+
+
+def print_whole_solve_table(rows, projected: bool):
+    print_table(
+        ["weight [out,in]", "N", "setup s", "spectral s", "row space", "in x in path s",
+         f"Adam {ADAM_STEPS} steps s" + (" (projected)" if projected else ""),
+         "closed form s", "spectral vs Adam", "spectral vs closed form",
+         "float32 eigh: update diff t=300", "t=inf"],
+        [[weight(row["shape"]), str(row["experts"]), f"{row['setup']:.2f}",
+          f"{row['spectral']:.2f}", "yes" if row["row_space"] else "no",
+          (f"{row['gram_path']:.2f} ({row['gram_path'] / row['spectral']:.2f}x,"
+           f" diff {row['path_difference']:.0e})" if "gram_path" in row
+           else row.get("gram_path_skip", "")),
+          f"{row['adam']:.1f}", f"{row['closed_form']:.2f}",
+          f"{row['adam'] / row['spectral']:.1f}x", f"{row['closed_form'] / row['spectral']:.2f}x",
+          *([f"{difference:.1e}" for difference in row["float32"]] if "float32" in row
+            else ["n/a", "n/a"])]
+         for row in rows],
+    )
+
+
+def print_solve_memory_table(device, shapes):
+    names = ("ours", "spectral", "closed_form")
+    header = ["weight [out,in]", "N", "one tau MiB", "Adam MiB", "spectral MiB",
+              "closed form MiB", "spectral / Adam"]
+    table = []
+    for shape in shapes:
+        for experts in SOLVE_EXPERTS:
+            if shape not in VIT_SHAPES and experts != SOLVE_EXPERTS[0]:
+                continue  # one LLaMA row, N = 3: each probe repeats a whole solve
+            peaks = [measure_in_subprocess(name, shape, experts, device) for name in names]
+            table.append([weight(shape), str(experts), f"{shape[0] * shape[1] * 4 / MIB:.1f}"]
+                         + [f"{peak / MIB:.1f}" for peak in peaks]
+                         + [f"{peaks[1] / peaks[0]:.2f}"])
+    print_table(header, table)
+
+
+def print_spectral_targets(rows):
+    for shape in SPECTRAL_TARGET_SHAPES:
+        row = next((r for r in rows if r["shape"] == shape
+                    and r["experts"] == SPECTRAL_TARGET_EXPERTS), None)
+        if row is None:
+            continue
+        speedup = row["adam"] / row["spectral"]
+        print(f"- spectral vs Adam whole solve on {weight(shape)} N={SPECTRAL_TARGET_EXPERTS}:"
+              f" {speedup:.1f}x (target >= {SPECTRAL_SPEEDUP_TARGET:.0f}x):"
+              f" {verdict(speedup >= SPECTRAL_SPEEDUP_TARGET)}")
 
 
 def tf32_differences(task_vectors, iterations, exact):
@@ -389,6 +516,16 @@ def main(argv=None) -> None:
     parser.add_argument("--reference-budget", type=float, default=90.0,
                         help="seconds an authors' run may be estimated to take before it is skipped")
     parser.add_argument("--skip-llama", action="store_true", help="ViT shapes only")
+    parser.add_argument("--spectral-only", action="store_true",
+                        help="only the spectral-vs-Adam-vs-closed-form table and its memory")
+    parser.add_argument("--adam-steps", type=int,
+                        help="Adam steps timed per weight in the spectral table "
+                             "(CPU 5 on ViT shapes and 2 on LLaMA ones, CUDA 299)")
+    parser.add_argument("--shape", action="append", type=parse_shape, metavar="OUTxIN",
+                        help="spectral table: only this weight shape (repeatable)")
+    parser.add_argument("--gram-path-budget", type=float, default=120.0,
+                        help="seconds the in x in path of a row-space spectral solve may be "
+                             "estimated to take before it is skipped")
     parser.add_argument("--memory-probe", nargs=4, metavar=("SOLVER", "OUT", "IN", "N"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -416,6 +553,46 @@ def main(argv=None) -> None:
           f"{os.cpu_count()} CPUs, load average at start {os.getloadavg()[0]:.2f}, "
           f"float32 matmul precision {torch.get_float32_matmul_precision()!r}, "
           f"timings in {'CPU' if args.cpu_time else 'wall'} time\n")
+    if args.spectral_only:
+        spectral_table(args, vit_steps, llama_steps)
+    else:
+        issue_3_tables(args, vit_steps, long_steps, llama_steps)
+        spectral_table(args, vit_steps, llama_steps)
+    used = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    print(f"\nTotal {time.perf_counter() - started:.0f} s wall, "
+          f"{sum(u.ru_utime + u.ru_stime for u in used):.0f} s CPU (memory probes included), "
+          f"load average at end {os.getloadavg()[0]:.2f}.")
+
+
+def parse_shape(text: str):
+    out_features, in_features = map(int, text.lower().split("x"))
+    return out_features, in_features
+
+
+def spectral_table(args, vit_steps, llama_steps):
+    rows = []
+    for shape in args.shape or SOLVE_SHAPES:
+        if args.skip_llama and shape not in VIT_SHAPES:
+            continue
+        steps = args.adam_steps or (vit_steps if shape in VIT_SHAPES else llama_steps)
+        for experts in SOLVE_EXPERTS:
+            rows.append(whole_solves(shape, experts, steps, args.device,
+                                     args.repeats if shape in VIT_SHAPES else 1,
+                                     args.gram_path_budget))
+    projected = any(row["adam_steps"] + 1 < ADAM_STEPS for row in rows)
+    print("\n## Spectral vs Adam vs closed form: whole solve per weight\n")
+    if projected:
+        print(f"Adam: setup + {ADAM_STEPS} x the average step measured over "
+              f"{sorted({row['adam_steps'] + 1 for row in rows})} steps (projected).\n")
+    print_whole_solve_table(rows, projected)
+    print("\n## Peak extra memory of one whole solve (Adam, spectral, closed form)\n")
+    print_solve_memory_table(args.device, [shape for shape in SOLVE_MEMORY_SHAPES
+                                           if shape in {row["shape"] for row in rows}])
+    print("\n## Spectral targets\n")
+    print_spectral_targets(rows)
+
+
+def issue_3_tables(args, vit_steps, long_steps, llama_steps):
     budget = args.reference_budget
     vit_rows = [compare(shape, experts, vit_steps, args.device, args.repeats, True, budget)
                 for shape in VIT_SHAPES for experts in VIT_EXPERTS]
@@ -439,10 +616,6 @@ def main(argv=None) -> None:
         print_tf32_table(vit_rows + [long_row] + llama_rows)
     print("\n## Targets\n")
     print_targets(vit_rows + [long_row] + llama_rows, throughput_rows, memory_ratio)
-    used = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
-    print(f"\nTotal {time.perf_counter() - started:.0f} s wall, "
-          f"{sum(u.ru_utime + u.ru_stime for u in used):.0f} s CPU (memory probes included), "
-          f"load average at end {os.getloadavg()[0]:.2f}.")
 
 
 if __name__ == "__main__":

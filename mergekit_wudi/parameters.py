@@ -20,6 +20,7 @@ from mergekit_wudi.tensor_rules import ApplyWudi, Layout
 class Solver(str, Enum):
     ADAM = "adam"  # the paper's method (Algorithm 1)
     CLOSED_FORM = "closed_form"  # WUDI-CFS, Eq. 20
+    SPECTRAL = "spectral"  # the gradient flow of Eq. 21 by eigendecomposition (OptMerge)
 
 
 class ParameterValueError(ValueError):
@@ -34,15 +35,16 @@ class ParameterValueError(ValueError):
         return ParameterValueError(self.parameter, self.requirement, str(model))
 
 
-def _number(name: str, value: Any) -> float:
+def _number(name: str, value: Any, infinity: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise ParameterValueError(name, f"must be a number, got {value!r}")
     try:
         number = float(value)  # YAML reads 1e-5 as the string "1e-5"
     except ValueError:
         raise ParameterValueError(name, f"must be a number, got {value!r}") from None
-    if not math.isfinite(number):
-        raise ParameterValueError(name, f"must be finite, got {value!r}")
+    if math.isnan(number) or (math.isinf(number) and not infinity):
+        kind = "a number or .inf" if infinity else "finite"
+        raise ParameterValueError(name, f"must be {kind}, got {value!r}")
     return number
 
 
@@ -66,6 +68,33 @@ def _count(name: str) -> Callable[[Any], int]:
         if number < 0 or number != int(number):
             raise ParameterValueError(name, f"must be a non-negative integer, got {value!r}")
         return int(number)
+
+    return check
+
+
+def _time(name: str) -> Callable[[Any], float]:
+    def check(value: Any) -> float:
+        number = _number(name, value, infinity=True)  # YAML's .inf: run to the limit
+        if number < 0:
+            raise ParameterValueError(name, f"must be >= 0, got {value!r}")
+        return number
+
+    return check
+
+
+def _ratio_or_auto(name: str) -> Callable[[Any], Any]:
+    def check(value: Any) -> Any:
+        if value == solvers.AUTOMATIC_RANK:
+            return value
+        try:
+            number = _number(name, value)
+        except ParameterValueError:
+            number = math.nan
+        if not 0 < number <= 1:
+            raise ParameterValueError(
+                name, f"must be a number in (0, 1] or {solvers.AUTOMATIC_RANK!r}, got {value!r}"
+            )
+        return number
 
     return check
 
@@ -106,6 +135,10 @@ PARAMETERS = (
     _parameter("learning_rate", _positive("learning_rate"), solvers.DEFAULT_LEARNING_RATE),
     _parameter("solver", _choice("solver", Solver), Solver.ADAM),
     _parameter("omega", _positive("omega"), solvers.DEFAULT_OMEGA),
+    _parameter("flow_time", _time("flow_time"), solvers.DEFAULT_FLOW_TIME),
+    _parameter("rank_ratio", _ratio_or_auto("rank_ratio"), solvers.DEFAULT_RANK_RATIO),
+    _parameter("rank_rule", _choice("rank_rule", solvers.RankRule),
+               solvers.RankRule.PARTICIPATION_SQRT),
     _parameter("apply_wudi", _choice("apply_wudi", ApplyWudi), ApplyWudi.AUTO),
     _parameter("layout", _choice("layout", Layout), Layout.AUTO),
 )

@@ -130,6 +130,13 @@ def solve(
 ) -> torch.Tensor:
     """The merged task vector ``tau_m`` (``[out, in]``) of one problem, by the
     configured solver; ``parameters`` as the kernel receives them."""
+    if parameters["solver"] == Solver.SPECTRAL:
+        return solvers.wudi_spectral(
+            task_vectors,
+            flow_time=parameters["flow_time"],
+            rank_ratio=parameters["rank_ratio"],
+            rank_rule=parameters["rank_rule"],
+        )
     if parameters["solver"] == Solver.CLOSED_FORM:
         return solvers.wudi_closed_form(task_vectors, omega=parameters["omega"], name=name)
     return solvers.wudi_adam(

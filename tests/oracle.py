@@ -1,13 +1,19 @@
 """Independent references the tests compare against.
 
 ``authors_wudi`` is the authors' formulation (their ``lamassu.py``): N batched
-``[out, out]`` products, autograd, ``torch.optim.Adam``. It shares no code with
-``mergekit_wudi.solvers`` and is deliberately the slow, obvious way.
+``[out, out]`` products, autograd, ``torch.optim.Adam``. The spectral references
+(``gradient_flow``, ``spectral_reference`` and the rank rules) write the OptMerge
+formulas out literally, in float64. None shares code with ``mergekit_wudi.solvers``;
+each is deliberately the slow, obvious way.
 """
 
-from typing import Sequence
+import math
+import statistics
+from typing import List, Sequence, Tuple
 
 import torch
+
+CLAMP = 1e-8  # the authors' floor on C's eigenvalues
 
 
 def authors_wudi(
@@ -45,6 +51,99 @@ def normal_equations_wudi_cfs(task_vectors: Sequence[torch.Tensor], omega: float
     left = sum(tau @ (tau.T @ tau + omega * eye) / tau.pow(2).sum() for tau in taus)
     right = sum((tau.T @ tau + omega * eye) / tau.pow(2).sum() for tau in taus)
     return left @ torch.linalg.inv(right)
+
+
+def exact_minimiser(task_vectors) -> torch.Tensor:
+    """argmin of Eq. 21 as one least-squares problem, float64, minimum-norm.
+
+    sum_i ||X tau_i^T - tau_i tau_i^T||^2 / ||tau_i||^2 = ||X A - B||^2 with
+    A = [tau_i^T / ||tau_i||]_i and B = [tau_i tau_i^T / ||tau_i||]_i side by side.
+    """
+    taus = [tau.double() for tau in task_vectors]
+    inputs = torch.cat([tau.T / tau.norm() for tau in taus], dim=1)
+    targets = torch.cat([tau @ tau.T / tau.norm() for tau in taus], dim=1)
+    return torch.linalg.lstsq(inputs.T, targets.T, driver="gelsd").solution.T
+
+
+def literal_gram_and_target(task_vectors) -> Tuple[torch.Tensor, torch.Tensor]:
+    """C = sum_i tau_i^T tau_i / ||tau_i||^2 and D = sum_i tau_i tau_i^T tau_i / ||tau_i||^2."""
+    taus = [tau.double() for tau in task_vectors if tau.abs().sum() > 0]
+    gram = sum(tau.T @ tau / tau.pow(2).sum() for tau in taus)
+    target = sum(tau @ tau.T @ tau / tau.pow(2).sum() for tau in taus)
+    return gram, target
+
+
+def half_eq21_gradient_descent(task_vectors, step: float, steps: int) -> torch.Tensor:
+    """Plain gradient descent on half of Eq. 21 from the sum, float64.
+
+    d/dX (1/2) ||(X - tau_i) tau_i^T||^2 / ||tau_i||^2 = (X - tau_i) tau_i^T tau_i / ||tau_i||^2.
+    """
+    taus = [tau.double() for tau in task_vectors]
+    grams = [tau.T @ tau / tau.pow(2).sum() for tau in taus]
+    merged = sum(taus)
+    for _ in range(steps):
+        merged = merged - step * sum((merged - tau) @ gram for tau, gram in zip(taus, grams))
+    return merged
+
+
+def gradient_flow(task_vectors, flow_time: float) -> torch.Tensor:
+    """The flow d X/dt = -(X C - D) from the sum at time t, float64, with no eigh.
+
+    X(t) = X(0) exp(-C t) + D int_0^t exp(-C s) ds, and both matrices are blocks of
+    exp(M t), M = [[-C, I], [0, 0]]: its top-left block is exp(-C t), its top-right
+    the integral.
+    """
+    gram, target = literal_gram_and_target(task_vectors)
+    size = gram.shape[0]
+    block = torch.zeros(2 * size, 2 * size, dtype=torch.float64)
+    block[:size, :size] = -gram
+    block[:size, size:] = torch.eye(size, dtype=torch.float64)
+    exponential = torch.linalg.matrix_exp(block * flow_time)
+    start = sum(tau.double() for tau in task_vectors)
+    return start @ exponential[:size, :size] + target @ exponential[:size, size:]
+
+
+def spectral_reference(task_vectors, flow_time: float, kept: int) -> torch.Tensor:
+    """OptMerge's formula written out: float64 eigh of the in x in C, eigenvalues
+    clamped at 1e-8, filter f = 1 - exp(-lam t) on the ``kept`` largest, 0 elsewhere.
+
+    theta0 - theta0 V diag(f) V^T + D V diag(f / lam) V^T.
+    """
+    gram, target = literal_gram_and_target(task_vectors)
+    eigenvalues, vectors = torch.linalg.eigh(gram)
+    eigenvalues = torch.clamp(eigenvalues, min=CLAMP)
+    flow = torch.ones_like(eigenvalues) if math.isinf(flow_time) else 1 - torch.exp(
+        -eigenvalues * flow_time)
+    order = torch.argsort(eigenvalues, descending=True)
+    flow[order[kept:]] = 0
+    start = sum(tau.double() for tau in task_vectors)
+    return (start - start @ vectors @ torch.diag(flow) @ vectors.T
+            + target @ vectors @ torch.diag(flow / eigenvalues) @ vectors.T)
+
+
+def clamped_spectrum(task_vectors) -> List[float]:
+    """C's eigenvalues (float64 eigh of the literal C), floored at 1e-8, as floats."""
+    gram, _ = literal_gram_and_target(task_vectors)
+    return [max(value, CLAMP) for value in torch.linalg.eigvalsh(gram).tolist()]
+
+
+def participation_sqrt_rank(spectrum: Sequence[float]) -> int:
+    """ceil((sum_j sqrt(lam_j))^2 / sum_j lam_j)."""
+    return math.ceil(sum(math.sqrt(value) for value in spectrum) ** 2 / sum(spectrum))
+
+
+def gavish_donoho_rank(spectrum: Sequence[float], shape: Tuple[int, int]) -> int:
+    """How many sqrt(lam) exceed omega(beta) times their (lower) median, at least 1.
+
+    Gavish and Donoho (IEEE Trans. Inf. Theory 60(8), 2014), unknown noise level:
+    omega(beta) ~ 0.56 beta^3 - 0.95 beta^2 + 1.82 beta + 1.43, beta = min/max of
+    the weight's [out, in].
+    """
+    beta = min(shape) / max(shape)
+    omega = 0.56 * beta**3 - 0.95 * beta**2 + 1.82 * beta + 1.43
+    singular = [math.sqrt(value) for value in spectrum]
+    threshold = omega * statistics.median_low(singular)
+    return max(1, sum(value > threshold for value in singular))
 
 
 def low_rank_task_vectors(

@@ -5,6 +5,7 @@ of mergekit_wudi.tensor_rules; WUDI tensors are compared to the authors'
 formulation, the others to mergekit's own task_arithmetic.
 """
 
+import math
 import re
 import shutil
 
@@ -15,7 +16,13 @@ import yaml
 from mergekit.merge_methods.api import merge_tensors
 
 from tests.conftest import load_weights, run_console_script
-from tests.oracle import authors_wudi, relative_error
+from tests.oracle import (
+    authors_wudi,
+    clamped_spectrum,
+    participation_sqrt_rank,
+    relative_error,
+    spectral_reference,
+)
 
 WUDI_TENSORS = {
     "llama": (re.compile(r"layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$"), False),
@@ -80,11 +87,9 @@ def merged_family(families, tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("architecture", ["llama", "gpt2", "bert"])
-def test_console_script_merge(architecture, families, merged_family):
-    paths = families(architecture)
-    out = merged_family(architecture)
-
+def check_merged_tensors(architecture, paths, out, solve, lam=LAMBDA):
+    """WUDI tensors equal ``base + lam * solve(task vectors)`` on the [out, in] view,
+    the others mergekit's task arithmetic; returns how many were solved."""
     base, *experts = [load_weights(p) for p in paths]
     merged = load_weights(out)
     assert set(merged) == set(base), "every tensor written, nothing extra"
@@ -96,26 +101,56 @@ def test_console_script_merge(architecture, families, merged_family):
         if pattern.search(name):
             taus = [expert[name] - base[name] for expert in experts]
             if transposed:
-                expected = authors_wudi([tau.T for tau in taus], iterations=ITERATIONS).T
+                expected = solve([tau.T for tau in taus]).T
             else:
-                expected = authors_wudi(taus, iterations=ITERATIONS)
-            assert relative_error(tensor - base[name], LAMBDA * expected) < 2e-5, name
+                expected = solve(taus)
+            assert relative_error(tensor - base[name], lam * expected) < 2e-5, name
             solved += 1
         elif tensor.is_floating_point():
             expected = merge_tensors(
                 [base[name], *(expert[name] for expert in experts)], "task_arithmetic",
-                base_index=0, name=name, parameters={"weight": 1.0, "lambda": LAMBDA},
+                base_index=0, name=name, parameters={"weight": 1.0, "lambda": lam},
             )
             torch.testing.assert_close(tensor, expected, rtol=1e-6, atol=1e-7, msg=name)
         else:
             assert torch.equal(tensor, base[name]), name
     assert solved >= 2 * 4, "the architecture's linear layers were found"
+    return merged
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gpt2", "bert"])
+def test_console_script_merge(architecture, families, merged_family):
+    paths = families(architecture)
+    out = merged_family(architecture)
+    merged = check_merged_tensors(
+        architecture, paths, out, lambda taus: authors_wudi(taus, iterations=ITERATIONS)
+    )
 
     model, info = LOADERS[architecture].from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     for name, parameter in model.state_dict().items():
         if name in merged:
             assert torch.equal(parameter, merged[name]), name
+
+
+def test_spectral_solver_through_mergekit_yaml(families, tmp_path):
+    # The authors' ASWUDI, written as a user would: YAML's .inf and auto.
+    base, *experts = families("llama")
+    config = tmp_path / "config.yml"
+    config.write_text(
+        f"merge_method: wudi\nbase_model: {base}\nmodels:\n"
+        + "".join(f"  - model: {expert}\n" for expert in experts)
+        + f"parameters:\n  lambda: {LAMBDA}\n  solver: spectral\n  flow_time: .inf\n"
+        "  rank_ratio: auto\ndtype: float32\n"
+    )
+    result = run_console_script("mergekit-yaml", config, tmp_path / "merged")
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    def aswudi(taus):
+        kept = participation_sqrt_rank(clamped_spectrum(taus))
+        return spectral_reference(taus, math.inf, kept)
+
+    check_merged_tensors("llama", [base, *experts], tmp_path / "merged", aswudi)
 
 
 def test_model_card_names_the_method(merged_family):

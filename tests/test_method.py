@@ -5,7 +5,15 @@ import torch
 from mergekit.merge_methods.api import merge_tensors
 
 from mergekit_wudi import solvers
-from tests.oracle import authors_wudi, relative_error, structured_task_vectors
+from tests.oracle import (
+    authors_wudi,
+    clamped_spectrum,
+    gradient_flow,
+    participation_sqrt_rank,
+    relative_error,
+    spectral_reference,
+    structured_task_vectors,
+)
 
 LINEAR = "model.layers.0.self_attn.q_proj.weight"
 
@@ -99,6 +107,36 @@ def test_closed_form_solver():
     assert relative_error(merged - base, expected) < 1e-5
 
 
+def test_spectral_solver_is_the_gradient_flow():
+    base, experts = make_models()
+    taus = [expert - base for expert in experts]
+    merged = wudi(base, experts, solver="spectral", **{"lambda": 0.5})
+    assert relative_error(merged - base, 0.5 * gradient_flow(taus, 300.0)) < 1e-6
+    # flow_time as YAML writes it (`flow_time: 3e1` is the string "3e1").
+    merged = wudi(base, experts, solver="spectral", flow_time="3e1")
+    assert relative_error(merged - base, gradient_flow(taus, 30.0)) < 1e-6
+
+
+def test_spectral_rank_cut_and_automatic_rank():
+    base, experts = make_models()  # [24, 16]
+    taus = [expert - base for expert in experts]
+    swudi = wudi(base, experts, solver="spectral", flow_time=1300, rank_ratio=0.65)
+    assert relative_error(swudi - base, spectral_reference(taus, 1300.0, 11)) < 1e-6
+    # The authors' ASWUDI: YAML's .inf is float("inf").
+    aswudi = wudi(base, experts, solver="spectral", flow_time=float("inf"), rank_ratio="auto")
+    kept = participation_sqrt_rank(clamped_spectrum(taus))
+    assert kept < 16
+    assert relative_error(aswudi - base, spectral_reference(taus, float("inf"), kept)) < 1e-6
+
+
+def test_spectral_zero_flow_time_is_task_arithmetic():
+    base, experts = make_models()
+    torch.testing.assert_close(
+        wudi(base, experts, solver="spectral", flow_time=0),
+        task_arithmetic(base, experts, LINEAR), rtol=1e-6, atol=1e-7,
+    )
+
+
 def test_storage_dtype_is_kept_and_math_is_float32():
     base, experts = make_models()
     merged = wudi(base.bfloat16(), [e.bfloat16() for e in experts])
@@ -113,11 +151,12 @@ def test_one_expert_is_that_expert_and_untouched_is_base():
     assert torch.equal(wudi(base, [base.clone(), base.clone()]), base)
 
 
-def test_nan_input_names_tensor_and_model():
+@pytest.mark.parametrize("solver", ["adam", "spectral"])
+def test_nan_input_names_tensor_and_model(solver):
     base, experts = make_models()
     experts[1][3, 4] = float("nan")
     with pytest.raises(ValueError, match=rf"tensor '{LINEAR}' of model 2 contains NaN or Inf"):
-        wudi(base, experts)
+        wudi(base, experts, solver=solver)
 
 
 @pytest.mark.parametrize(
@@ -129,9 +168,18 @@ def test_nan_input_names_tensor_and_model():
         ({"learning_rate": 0}, "'learning_rate' must be > 0, got 0"),
         ({"lambda": float("nan")}, "'lambda' must be finite, got nan"),
         ({"weight": True}, "'weight' must be a number, got True"),
-        ({"solver": "sgd"}, "'solver' must be one of adam, closed_form; got 'sgd'"),
+        ({"solver": "sgd"}, "'solver' must be one of adam, closed_form, spectral; got 'sgd'"),
         ({"omega": -1e-3}, "'omega' must be > 0"),
         ({"apply_wudi": "sometimes"}, "'apply_wudi' must be one of auto, always, never"),
+        ({"flow_time": -1}, "'flow_time' must be >= 0, got -1"),
+        ({"flow_time": float("-inf")}, "'flow_time' must be >= 0, got -inf"),
+        ({"flow_time": float("nan")}, r"'flow_time' must be a number or \.inf, got nan"),
+        ({"flow_time": "long"}, "'flow_time' must be a number, got 'long'"),
+        ({"rank_ratio": 1.5}, r"'rank_ratio' must be a number in \(0, 1\] or 'auto', got 1.5"),
+        ({"rank_ratio": 0}, r"'rank_ratio' must be a number in \(0, 1\] or 'auto', got 0"),
+        ({"rank_ratio": "automatic"}, r"'rank_ratio' must be .* or 'auto', got 'automatic'"),
+        ({"rank_rule": "elbow"},
+         "'rank_rule' must be one of participation_sqrt, gavish_donoho; got 'elbow'"),
         ({"iteration": 50}, "Unknown parameter.*iteration"),
     ],
 )

@@ -4,7 +4,12 @@ import pytest
 import torch
 
 from mergekit_wudi.solvers import interference_loss, wudi_closed_form
-from tests.oracle import normal_equations_wudi_cfs, relative_error, structured_task_vectors
+from tests.oracle import (
+    exact_minimiser,
+    normal_equations_wudi_cfs,
+    relative_error,
+    structured_task_vectors,
+)
 
 # [out, in]: in > out (Gram rank-deficient without the ridge), in < out, square, in >> out.
 SHAPES = [(12, 20), (20, 12), (16, 16), (6, 40)]
@@ -18,18 +23,6 @@ def test_closed_form_equals_eq20_normal_equations(shape, count, omega):
     expected = normal_equations_wudi_cfs(task_vectors, omega)
     # float32 Cholesky against a float64 explicit inverse.
     assert relative_error(wudi_closed_form(task_vectors, omega=omega), expected) < 2e-5
-
-
-def exact_minimiser(task_vectors) -> torch.Tensor:
-    """argmin of Eq. 21 as one least-squares problem, float64, minimum-norm.
-
-    sum_i ||X tau_i^T - tau_i tau_i^T||^2 / ||tau_i||^2 = ||X A - B||^2 with
-    A = [tau_i^T / ||tau_i||]_i and B = [tau_i tau_i^T / ||tau_i||]_i side by side.
-    """
-    taus = [tau.double() for tau in task_vectors]
-    inputs = torch.cat([tau.T / tau.norm() for tau in taus], dim=1)
-    targets = torch.cat([tau @ tau.T / tau.norm() for tau in taus], dim=1)
-    return torch.linalg.lstsq(inputs.T, targets.T, driver="gelsd").solution.T
 
 
 @pytest.mark.parametrize("shape", SHAPES)

@@ -5,7 +5,10 @@ and returns the merged task vector ``tau_m``; all read the same statistics
 (``statistics``: C, D and the loss of Eq. 21).
 
 - ``adam``: the paper's method, Adam on Eq. 21 from the sum (Algorithm 1);
-- ``closed_form``: WUDI-CFS, the ridge-regularised minimiser (Eq. 20).
+- ``closed_form``: WUDI-CFS, the ridge-regularised minimiser (Eq. 20);
+- ``spectral``: the authors' one-shot follow-up (OptMerge, arXiv 2505.19892): the
+  gradient flow of Eq. 21 at time t through one eigendecomposition of C, with an
+  optional rank cut (SWUDI) or an automatic one (ASWUDI).
 """
 
 from mergekit_wudi.solvers.adam import (
@@ -16,7 +19,17 @@ from mergekit_wudi.solvers.adam import (
     adam_steps,
     wudi_adam,
 )
-from mergekit_wudi.solvers.closed_form import DEFAULT_OMEGA, wudi_closed_form
+from mergekit_wudi.solvers.closed_form import DEFAULT_OMEGA, closed_form_solve, wudi_closed_form
+from mergekit_wudi.solvers.spectral import (
+    AUTOMATIC_RANK,
+    DEFAULT_FLOW_TIME,
+    DEFAULT_RANK_RATIO,
+    MIN_EIGENVALUE,
+    RankRule,
+    prefers_row_space,
+    spectral_solve,
+    wudi_spectral,
+)
 from mergekit_wudi.solvers.statistics import (
     InterferenceStatistics,
     interference_loss,
@@ -27,18 +40,27 @@ from mergekit_wudi.solvers.statistics import (
 )
 
 __all__ = [
+    "AUTOMATIC_RANK",
+    "DEFAULT_FLOW_TIME",
     "DEFAULT_ITERATIONS",
     "DEFAULT_LEARNING_RATE",
     "DEFAULT_OMEGA",
+    "DEFAULT_RANK_RATIO",
+    "MIN_EIGENVALUE",
     "RESIDUAL_REFRESH_STEPS",
     "InterferenceStatistics",
+    "RankRule",
     "adam_descent",
     "adam_steps",
+    "closed_form_solve",
     "interference_loss",
     "interference_losses",
     "interference_statistics",
+    "prefers_row_space",
     "prefers_stacked_form",
     "solve_dtype",
+    "spectral_solve",
     "wudi_adam",
     "wudi_closed_form",
+    "wudi_spectral",
 ]

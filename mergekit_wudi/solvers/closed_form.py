@@ -4,7 +4,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from mergekit_wudi.solvers.statistics import interference_statistics
+from mergekit_wudi.solvers.statistics import InterferenceStatistics, interference_statistics
 
 # Ridge coefficient omega (paper Eq. 20).
 DEFAULT_OMEGA = 1e-4
@@ -30,6 +30,13 @@ def wudi_closed_form(
     if not task_vectors:
         raise ValueError("WUDI needs at least one task vector")
     stats = interference_statistics(task_vectors, dtype=torch.float64, ridge_term=True)
+    return closed_form_solve(stats, omega, name)
+
+
+def closed_form_solve(
+    stats: InterferenceStatistics, omega: float, name: Optional[str] = None
+) -> torch.Tensor:
+    """``wudi_closed_form`` from float64 Gram-form statistics with the ridge term."""
     if stats.active <= 1:
         return stats.initial
     ridge = omega * stats.weight_total

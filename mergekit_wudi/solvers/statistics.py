@@ -47,10 +47,16 @@ class InterferenceStatistics:
     # sum_i tau_i / ||tau_i||^2, the closed form's ridge term; None unless asked for.
     weighted_sum: Optional[torch.Tensor]
     weight_total: float  # sum_i 1 / ||tau_i||^2 (closed form only)
-    active: int  # task vectors that are not all zero
+    # ||tau_i||_F of the task vectors that are not all zero, in the order of rows' blocks.
+    norms: Tuple[float, ...]
     dtype: torch.dtype
     # Eq. 21's tau_m-free term sum_i ||tau_i tau_i^T||^2 / ||tau_i||^2; None unless asked for.
     loss_constant: Optional[float] = None
+
+    @property
+    def active(self) -> int:
+        """Task vectors that are not all zero."""
+        return len(self.norms)
 
 
 def prefers_stacked_form(out_features: int, in_features: int, experts: int) -> bool:
@@ -80,7 +86,7 @@ def interference_statistics(
     rows = []
     weight_total = 0.0
     constant = 0.0
-    active = 0
+    norms = []
     for tau in task_vectors:
         exact = tau.to(torch.float64)
         if initial is None:
@@ -93,7 +99,7 @@ def interference_statistics(
         norm = torch.linalg.vector_norm(exact).item()
         if norm == 0.0:
             continue
-        active += 1
+        norms.append(norm)
         initial += tau.to(dtype)
         tau = exact
         unit = tau / norm
@@ -122,7 +128,7 @@ def interference_statistics(
         rows=torch.cat(rows) if stacked and rows else None,
         weighted_sum=weighted_sum,
         weight_total=weight_total,
-        active=active,
+        norms=tuple(norms),
         dtype=dtype,
         loss_constant=constant if loss_constant else None,
     )
