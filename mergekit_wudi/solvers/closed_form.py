@@ -32,18 +32,19 @@ def wudi_closed_form(
     stats = interference_statistics(task_vectors, dtype=torch.float64, ridge_term=True)
     if stats.active <= 1:
         return stats.initial
-    ridge = omega * stats.weight_total
-    system = stats.gram + torch.eye(
-        stats.gram.shape[0], dtype=stats.gram.dtype, device=stats.gram.device
-    ) * ridge
-    rhs = stats.target + omega * stats.weighted_sum
+    ridge, active = omega * stats.weight_total, stats.active
+    # In place: the statistics are this solve's own.
+    system = stats.gram
+    system.diagonal().add_(ridge)
+    rhs = stats.target.add_(stats.weighted_sum, alpha=omega)
+    del stats
     # system is symmetric positive definite: X system = rhs  <=>  system X^T = rhs^T.
     factor, failed = torch.linalg.cholesky_ex(system)
-    if failed or float(factor.diagonal().min()) ** 2 < MIN_RELATIVE_PIVOT * stats.active:
+    if failed or float(factor.diagonal().min()) ** 2 < MIN_RELATIVE_PIVOT * active:
         raise ValueError(
             f"wudi: tensor {name!r}: parameter 'omega' = {omega:g} is too small for"
             " these task vectors, which span too few directions to solve Eq. 20"
-            f" without it (omega * mean 1/||tau_i||^2 = {ridge / stats.active:.3g});"
+            f" without it (omega * mean 1/||tau_i||^2 = {ridge / active:.3g});"
             " raise omega"
         )
     return torch.cholesky_solve(rhs.T, factor).T
