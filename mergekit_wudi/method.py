@@ -5,9 +5,10 @@ tensor gets task arithmetic with the same weights and ``lambda``:
 ``W_base + lambda * tau_m``, ``tau_m`` solved from ``weight_i * (W_i - W_base)``.
 """
 
+import logging
 import math
 from enum import Enum
-from typing import Any, Callable, List, Sequence, Type
+from typing import Any, Callable, List, Optional, Sequence, Type
 
 import torch
 from pydantic import BeforeValidator
@@ -27,12 +28,25 @@ from mergekit.merge_methods.base import (
 from mergekit_wudi import solvers
 from mergekit_wudi.tensor_rules import ApplyWudi, Layout, wudi_layout
 
+LOG = logging.getLogger(__name__)
+
 METHOD_NAME = "wudi"
 
 
 class Solver(str, Enum):
     ADAM = "adam"  # the paper's method (Algorithm 1)
     CLOSED_FORM = "closed_form"  # WUDI-CFS, Eq. 20
+
+
+class Precision(str, Enum):
+    """How the Adam solver's few accurate products are computed (solvers.products)."""
+
+    AUTO = "auto"  # float64 matmuls where the device runs them fast
+    FLOAT64 = "float64"  # float64 matmuls
+    FLOAT32 = "float32"  # float32 matmuls on error-free splits, none in float64
+
+
+FLOAT64_MATMULS = {Precision.AUTO: None, Precision.FLOAT64: True, Precision.FLOAT32: False}
 
 
 # mergekit validates parameters while planning, before any tensor is read; these
@@ -106,6 +120,7 @@ PARAMETERS = (
     _parameter("learning_rate", _positive("learning_rate"), solvers.DEFAULT_LEARNING_RATE),
     _parameter("solver", _choice("solver", Solver), Solver.ADAM),
     _parameter("omega", _positive("omega"), solvers.DEFAULT_OMEGA),
+    _parameter("precision", _choice("precision", Precision), Precision.AUTO),
     _parameter("apply_wudi", _choice("apply_wudi", ApplyWudi), ApplyWudi.AUTO),
     _parameter("layout", _choice("layout", Layout), Layout.AUTO),
 )
@@ -117,8 +132,8 @@ class TaskVectors(Sequence[torch.Tensor]):
     Each is made when read, so peak memory does not grow with the number of experts.
     """
 
-    def __init__(self, base: torch.Tensor, experts: List[torch.Tensor], weights: List[float], transpose: bool, dtype: torch.dtype):
-        self.base = base.to(dtype)
+    def __init__(self, base: torch.Tensor, experts: List[torch.Tensor], weights: List[float], transpose: bool, dtype: torch.dtype, device: torch.device):
+        self.base = base.to(device=device, dtype=dtype)
         self.experts = experts
         self.weights = weights
         self.transpose = transpose
@@ -128,8 +143,42 @@ class TaskVectors(Sequence[torch.Tensor]):
         return len(self.experts)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        tau = (self.experts[index].to(self.dtype) - self.base).mul_(self.weights[index])
+        expert = self.experts[index].to(device=self.base.device, dtype=self.dtype)
+        tau = (expert - self.base).mul_(self.weights[index])
         return tau.T if self.transpose else tau
+
+
+# Device fit: a solve that would not fit in the memory left on its accelerator
+# runs on the CPU instead (with a warning), rather than stopping the merge.
+def working_bytes(solver: Solver, shape, experts: int, dtype: torch.dtype) -> int:
+    """Peak bytes of one solve of an ``[out, in]`` weight, beyond mergekit's inputs."""
+    out_features, in_features = shape
+    if solver == Solver.CLOSED_FORM:
+        needed = solvers.closed_form_working_bytes(out_features, in_features, experts)
+    else:
+        needed = solvers.adam_working_bytes(out_features, in_features, experts, dtype)
+    # TaskVectors' copy of the base in dtype, and one task vector made on demand.
+    return needed + 2 * out_features * in_features * (torch.finfo(dtype).bits // 8)
+
+
+def free_memory(device: torch.device) -> Optional[int]:
+    """Bytes still free for a solve on ``device``; None where there is no limit to check (CPU)."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    # Blocks torch's caching allocator holds but no tensor uses are free to it too.
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def solve_device(name: str, device: torch.device, needed: int, free: Optional[int]) -> torch.device:
+    """``device`` if a solve needing ``needed`` bytes fits in ``free``, else the CPU."""
+    if free is None or needed <= free:
+        return device
+    LOG.warning(
+        "wudi: tensor %r needs about %.2f GiB to solve and %s has %.2f GiB free;"
+        " solving it on the CPU", name, needed / 2**30, device, free / 2**30,
+    )
+    return torch.device("cpu")
 
 
 def check_finite(group: TensorGroup) -> None:
@@ -167,9 +216,14 @@ def wudi_kernel(group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
         parameters["layout"],
     )
     dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
+    device = base.device
+    if layout is not None:
+        shape = base.shape[::-1] if layout == Layout.IN_OUT else base.shape
+        needed = working_bytes(parameters["solver"], shape, len(contributing), dtype)
+        device = solve_device(group.metadata.name, base.device, needed, free_memory(base.device))
     task_vectors = TaskVectors(
         base, [entry.tensor for entry in contributing], weights,
-        transpose=layout == Layout.IN_OUT, dtype=dtype,
+        transpose=layout == Layout.IN_OUT, dtype=dtype, device=device,
     )
     if layout is None:
         merged = sum(task_vectors)
@@ -182,8 +236,10 @@ def wudi_kernel(group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
             task_vectors,
             iterations=parameters["iterations"],
             learning_rate=parameters["learning_rate"],
+            float64_matmuls=FLOAT64_MATMULS[parameters["precision"]],
             name=group.metadata.name,
         )
+    merged = merged.to(base.device)
     if layout == Layout.IN_OUT:
         merged = merged.T
     result = (base.to(merged.dtype) + lam * merged).to(base.dtype)

@@ -16,11 +16,16 @@ from mergekit_wudi.solvers.adam import (
     DEFAULT_LEARNING_RATE,
     RESIDUAL_REFRESH_STEPS,
     adam_descent,
+    adam_working_bytes,
     adam_steps,
     gram_and_residual,
     wudi_adam,
 )
-from mergekit_wudi.solvers.closed_form import DEFAULT_OMEGA, wudi_closed_form
+from mergekit_wudi.solvers.closed_form import (
+    DEFAULT_OMEGA,
+    closed_form_working_bytes,
+    wudi_closed_form,
+)
 from mergekit_wudi.solvers.products import (
     FAST_FLOAT64_CAPABILITIES,
     exact_matmul,
@@ -43,6 +48,8 @@ __all__ = [
     "RESIDUAL_REFRESH_STEPS",
     "InterferenceStatistics",
     "adam_descent",
+    "adam_working_bytes",
+    "closed_form_working_bytes",
     "adam_steps",
     "exact_matmul",
     "float64_matmuls_are_fast",

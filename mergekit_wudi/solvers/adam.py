@@ -29,6 +29,7 @@ from torch.optim.adam import adam as torch_adam_functional
 
 from mergekit_wudi.solvers.products import (
     AccurateMatrix,
+    block_length,
     blocks,
     exact_matmul,
     float64_matmuls_are_fast,
@@ -101,6 +102,27 @@ def wudi_adam(
         )
         return start
     return merged
+
+
+def adam_working_bytes(
+    out_features: int, in_features: int, experts: int, dtype: torch.dtype = torch.float32
+) -> int:
+    """Peak bytes ``wudi_adam`` allocates beyond its inputs (an upper bound).
+
+    Six ``[out, in]`` tensors in the working dtype (offset, gradient, two Adam
+    moments, anchor, residual; the setup holds fewer), temporaries of at most
+    five row blocks (``products.blocks``) and 1 MiB of small ones; plus C: three
+    float32 ``[in, in]`` (one float64 in a float64 working dtype), or in the
+    stacked form the stacked task vectors. tests/test_solvers_adam.py and
+    ``benchmarks/llm_scale.py`` compare it with measurements.
+    """
+    entry = torch.finfo(dtype).bits // 8
+    if prefers_stacked_form(out_features, in_features, experts):
+        gram = experts * out_features * in_features * entry
+    else:
+        gram = (8 if dtype == torch.float64 else 12) * in_features**2
+    block = block_length(out_features, in_features) * in_features * entry
+    return (6 * out_features * in_features * entry + gram + 5 * block + 2**20)
 
 
 @dataclass

@@ -17,6 +17,17 @@ DEFAULT_OMEGA = 1e-4
 MIN_RELATIVE_PIVOT = 1e-12
 
 
+def closed_form_working_bytes(out_features: int, in_features: int, experts: int) -> int:
+    """Peak bytes ``wudi_closed_form`` allocates beyond its inputs (an upper bound).
+
+    Float64 throughout: C and its Cholesky factor (``[in, in]``), and at most
+    five float64 ``[out, in]`` (D with the ridge term, then the right-hand side;
+    the sum; one task vector; the solution and a transposed copy), plus 1 MiB
+    of small ones. Whatever the number of experts.
+    """
+    return 8 * (2 * in_features**2 + 5 * out_features * in_features) + 2**20
+
+
 def wudi_closed_form(
     task_vectors: Sequence[torch.Tensor], *, omega: float, name: Optional[str] = None
 ) -> torch.Tensor:

@@ -70,13 +70,16 @@ MIN_BLOCK_ELEMENTS = 2**16
 
 def blocks(length: int, width: int) -> Iterator[slice]:
     """Slices of ``range(length)`` for about ``BLOCKS`` blocks of ``width``-long lines."""
-    size = max(math.ceil(length / BLOCKS), math.ceil(MIN_BLOCK_ELEMENTS / max(width, 1)))
-    return slices(length, size)
+    return slices(length, block_length(length, width))
+
+
+def block_length(length: int, width: int) -> int:
+    return min(length, max(math.ceil(length / BLOCKS), math.ceil(MIN_BLOCK_ELEMENTS / max(width, 1))))
 
 
 def slices(length: int, size: int) -> Iterator[slice]:
     """Consecutive slices of at most ``size`` covering ``range(length)``."""
-    for start in range(0, length, size):
+    for start in range(0, length, max(size, 1)):
         yield slice(start, min(start + size, length))
 
 
@@ -220,10 +223,12 @@ def _split_product(left, high, lead, rest) -> torch.Tensor:
     """(a_lead + a_rest) @ B, B = high (+ low) = lead + rest: three float32 matmuls."""
     a_lead, a_rest = left
     product = torch.zeros(a_lead.shape[0], high.shape[1], dtype=torch.float64, device=high.device)
+    # The smaller terms too are summed a chunk at a time: float32's error on a
+    # sum of n terms grows with n (up to n itself, in a narrow product).
     for chunk in slices(a_lead.shape[1], EXACT_CHUNK):
         product += a_lead[:, chunk] @ lead[chunk]  # exact in float32
-    small = a_lead @ rest
-    return product.add_(small.addmm_(a_rest, high))
+        product += (a_lead[:, chunk] @ rest[chunk]).addmm_(a_rest[:, chunk], high[chunk])
+    return product
 
 
 def _split_bits(inner: int) -> int:
