@@ -15,13 +15,14 @@ noise, entries about 1e-3: ``tests.oracle.structured_task_vectors``) with
 Time per step: ``T(k)`` is the time of a k-step run; one-off work (statistics,
 stacking, allocations) cancels out of differences. The authors' step is
 ``(T(1 + steps) - T(1)) / steps``. Ours is timed on the Adam loop
-(``solvers.adam_descent``) with the statistics C, D computed once beforehand and
-timed apart ("setup"), since on LLaMA shapes recomputing them for every timing
-would cost minutes; its result is what ``wudi_adam`` returns whenever the loss
-went down, as it does on these inputs. Every ``solvers.RESIDUAL_REFRESH_STEPS``-th
-of our steps re-anchors the gradient in float64, so our figure is the average
-over that period: a refresh step is ``T(1) - T(0)``, an ordinary one is taken from
-``T(1 + steps) - T(1)``. Ours and the plain matmul below are timed in turn in
+(``solvers.adam_descent``) with C and the residual computed once beforehand and
+timed apart ("setup": ``solvers.gram_and_residual``), since on LLaMA shapes
+recomputing them for every timing would cost minutes; its result is what
+``wudi_adam`` returns whenever the loss went down, as it does on these inputs.
+Every ``solvers.RESIDUAL_REFRESH_STEPS`` steps, and once at the end, the loop
+folds its offset into the residual with an accurate product, so our figure is
+the average over that period: a fold is ``T(0)`` (no step, the final fold), an
+ordinary step is taken from ``T(1 + steps) - T(1)``. Ours and the plain matmul below are timed in turn in
 each of ``--repeats`` rounds (ViT shapes; one round elsewhere) and the fastest of
 each kept, the reference is timed once; CUDA is synchronised around each. With ``--cpu-time``
 (one thread only) a timing is the process's CPU time instead of wall time, which
@@ -36,7 +37,7 @@ matmul rate measured in this run) exceeds ``--reference-budget`` or its
 Throughput: our step's ``2 out in^2`` FLOPs (the Gram form, which every shape here
 uses) over its average time, against a plain float32 ``torch.matmul`` of the same
 operands timed in the same run. The rest of a step is Adam's elementwise passes
-and the float64 refresh.
+and the folds.
 
 Peak extra memory of one whole ``wudi_adam`` solve (2 steps), measured in a fresh
 process per configuration once the task vectors exist and the thread pools are
@@ -123,23 +124,41 @@ def authors_seconds_per_step(task_vectors, steps, device):
     return (total - one) / steps, result
 
 
-def ours_and_plain_seconds(stats, steps, device, repeats):
-    """Our step averaged over one refresh period, a plain matmul of the same size,
+def prepare_descent(task_vectors):
+    """What ``wudi_adam`` computes before its Adam loop: the sum, C and the residual."""
+    scan = solvers.scan_task_vectors(task_vectors)
+    float64_matmuls = solvers.float64_matmuls_are_fast(scan.initial.device)
+    gram, residual = solvers.gram_and_residual(task_vectors, scan, float64_matmuls)
+    return scan.initial, gram, residual
+
+
+def descend(prepared, iterations):
+    """``wudi_adam``'s Adam loop on copies of the prepared state; returns tau_m."""
+    anchor, gram, residual = prepared
+    merged = anchor.clone()
+    solvers.adam_descent(
+        gram, residual.clone(), merged, iterations, solvers.DEFAULT_LEARNING_RATE
+    )
+    return merged
+
+
+def ours_and_plain_seconds(prepared, steps, device, repeats):
+    """Our step averaged over one fold period, a plain matmul of the same size,
     and our result after 1 + steps steps.
 
     The timings take turns in each of ``repeats`` rounds, so that a busy spell on
-    a shared machine slows both alike. Steps 1, 1 + P, 1 + 2P, ...
-    (P = ``RESIDUAL_REFRESH_STEPS``) refresh the float64 anchor; ``refreshes`` of
-    them fall within steps 2 .. 1 + steps.
+    a shared machine slows both alike. A fold precedes steps 1 + P, 1 + 2P, ...
+    (P = ``RESIDUAL_REFRESH_STEPS``) and follows the last; ``folds`` of them
+    fall within steps 2 .. 1 + steps.
     """
-    merged = torch.randn_like(stats.initial)
-    gram = torch.randn_like(stats.gram, dtype=merged.dtype)
+    anchor, gram, _ = prepared
+    merged = torch.randn_like(anchor)
+    matrix = torch.randn(anchor.shape[1], anchor.shape[1], dtype=merged.dtype, device=device)
     product = torch.empty_like(merged)
     calls = max(steps, 10 if device.type == "cuda" else 1)
     timed = {
-        "plain": lambda: torch.matmul(merged, gram, out=product),
-        **{iterations: functools.partial(
-            solvers.adam_descent, stats, iterations, solvers.DEFAULT_LEARNING_RATE)
+        "plain": lambda: torch.matmul(merged, matrix, out=product),
+        **{iterations: functools.partial(descend, prepared, iterations)
            for iterations in (0, 1, 1 + steps)},
     }
     best, results = dict.fromkeys(timed, math.inf), {}
@@ -148,9 +167,9 @@ def ours_and_plain_seconds(stats, steps, device, repeats):
             elapsed, results[key] = seconds(fn, device, calls=calls if key == "plain" else 1)
             best[key] = min(best[key], elapsed)
     period = solvers.RESIDUAL_REFRESH_STEPS
-    refresh, refreshes = best[1] - best[0], steps // period
-    ordinary = (best[1 + steps] - best[1] - refreshes * refresh) / (steps - refreshes)
-    return (refresh + (period - 1) * ordinary) / period, best["plain"], results[1 + steps]
+    fold, folds = best[0], steps // period
+    ordinary = (best[1 + steps] - best[1] - folds * fold) / steps
+    return (fold + period * ordinary) / period, best["plain"], results[1 + steps]
 
 
 def available_bytes(device: torch.device) -> int:
@@ -180,11 +199,9 @@ def compare(shape, experts, steps, device, repeats, closed_form, reference_budge
     row = {"shape": shape, "experts": experts, "steps": steps}
 
     # Seconds-long one-off solves: timed once.
-    row["setup"], stats = seconds(
-        lambda: solvers.interference_statistics(task_vectors, dtype=torch.float32), device
-    )
-    row["ours"], row["plain"], ours = ours_and_plain_seconds(stats, steps, device, repeats)
-    del stats
+    row["setup"], prepared = seconds(lambda: prepare_descent(task_vectors), device)
+    row["ours"], row["plain"], ours = ours_and_plain_seconds(prepared, steps, device, repeats)
+    del prepared
     if closed_form:
         row["closed_form"], _ = seconds(
             lambda: solvers.wudi_closed_form(task_vectors, omega=solvers.DEFAULT_OMEGA), device

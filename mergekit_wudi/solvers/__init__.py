@@ -19,6 +19,7 @@ from mergekit_wudi.solvers.adam import (
     adam_working_bytes,
     adam_steps,
     gram_and_residual,
+    residual_through_own_gram,
     wudi_adam,
 )
 from mergekit_wudi.solvers.closed_form import (
@@ -57,6 +58,7 @@ __all__ = [
     "interference_loss",
     "interference_statistics",
     "prefers_stacked_form",
+    "residual_through_own_gram",
     "scan_task_vectors",
     "solve_dtype",
     "wudi_adam",

@@ -166,6 +166,17 @@ class FactoredGram:
 Gram = Union[ExplicitGram, FactoredGram]
 
 
+def residual_through_own_gram(out_features: int, in_features: int, float64_matmuls: bool) -> bool:
+    """Whether each expert's residual term goes through its own [in, in] Gram.
+
+    Where that Gram takes at most two float32 [out, in] tensors' worth (beside C,
+    the sum, R and R's low part); else the term goes through (a - tau_i) tau_i^T,
+    ``[rows, out]``: 2 out^2 in FLOPs more for a square weight, fewer where
+    out < in / 2.
+    """
+    return AccurateMatrix.bytes_per_entry(float64_matmuls) * in_features <= 8 * out_features
+
+
 def gram_and_residual(
     task_vectors: Iterable[torch.Tensor], scan: TaskVectorScan, float64_matmuls: bool
 ):
@@ -189,13 +200,7 @@ def gram_and_residual(
         )
     else:
         gram_matrix = AccurateMatrix(in_features, in_features, dtype, device, float64_matmuls)
-    # tau_i's own [in, in] Gram where it takes at most two [out, in] tensors'
-    # worth (beside C, the sum, R and R's low part); else the product through
-    # (a - tau_i) tau_i^T, [rows, out], 2 out^2 in more FLOPs for a square weight.
-    own_matrix = (
-        AccurateMatrix.bytes_per_entry(float64_matmuls) * in_features
-        <= 2 * anchor.element_size() * out_features
-    )
+    own_matrix = residual_through_own_gram(out_features, in_features, float64_matmuls)
     # The experts' terms are larger than their sum: it is accumulated with its
     # float32 rounding error beside it, and rounded once.
     residual = AccurateMatrix(
@@ -216,8 +221,10 @@ def gram_and_residual(
                 gram_matrix.add_rows(rows, matrix.rows_float64(rows))
             own = ExplicitGram(matrix.finish(steps=False))
         else:
+            # Read once per block of rows: held in float64 if that is how it is multiplied.
             own = FactoredGram(
-                tau, anchor.new_full((out_features,), weight, dtype=torch.float64),
+                tau.to(torch.float64) if float64_matmuls else tau,
+                anchor.new_full((out_features,), weight, dtype=torch.float64),
                 float64_matmuls,
             )
             if not stacked:
