@@ -50,7 +50,6 @@ Results: ``benchmarks/results/llm_scale.txt`` (the full run's output; progress g
 import argparse
 import math
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -63,6 +62,7 @@ sys.path.insert(0, str(REPO_ROOT))
 import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
+from benchmarks.solver_speed import print_table, print_total, synchronize  # noqa: E402
 from mergekit_wudi import solvers  # noqa: E402
 from tests.measure import LiveTensorBytes, MatmulFlops  # noqa: E402
 from tests.oracle import structured_task_vectors  # noqa: E402
@@ -90,11 +90,6 @@ MODELS = {
 QUICK_SCALE = 8  # --quick divides every dimension by this
 SOLVERS = ("adam", "closed_form")
 SLOW_FLOAT64 = 64  # float32 / float64 matmul rate of consumer and inference GPUs
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class Measured:
@@ -308,13 +303,6 @@ def scaled(shape, quick):
     return tuple(size // QUICK_SCALE for size in shape) if quick else shape
 
 
-def print_table(header, rows):
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    for cells in rows:
-        print("| " + " | ".join(cells) + " |")
-
-
 def gflop(flops, dtype):
     return f"{flops.get(dtype, 0) / 1e9:,.0f}"
 
@@ -518,10 +506,7 @@ def main(argv=None):
                     [[method] + [f"{peaks[method, n]:.0f}" for n in counts]
                      + [f"{peaks[method, counts[1]] - peaks[method, counts[0]]:+.0f}"]
                      for method in ("wudi", "task_arithmetic")])
-    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
-    print(f"\nTotal {time.perf_counter() - started:.0f} s wall,"
-          f" {sum(u.ru_utime + u.ru_stime for u in usage):.0f} s CPU;"
-          f" load average at end {os.getloadavg()[0]:.2f}.")
+    print_total(started)
 
 
 if __name__ == "__main__":

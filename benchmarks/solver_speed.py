@@ -456,9 +456,14 @@ def main(argv=None) -> None:
         print_tf32_table(vit_rows + [long_row] + llama_rows)
     print("\n## Targets\n")
     print_targets(vit_rows + [long_row] + llama_rows, throughput_rows, memory_ratio)
+    print_total(started, " (memory probes included)")
+
+
+def print_total(started: float, note: str = "") -> None:
+    """Wall and CPU time since ``started``, this process's and its children's."""
     used = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
     print(f"\nTotal {time.perf_counter() - started:.0f} s wall, "
-          f"{sum(u.ru_utime + u.ru_stime for u in used):.0f} s CPU (memory probes included), "
+          f"{sum(u.ru_utime + u.ru_stime for u in used):.0f} s CPU{note}, "
           f"load average at end {os.getloadavg()[0]:.2f}.")
 
 

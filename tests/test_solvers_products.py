@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mergekit_wudi.solvers import products
 
@@ -66,3 +67,24 @@ def test_float64_speed_is_decided_by_compute_capability(monkeypatch, capability,
     assert products.float64_matmuls_are_fast(torch.device("cuda", 0)) is fast
     assert products.float64_matmuls_are_fast(torch.device("cpu"))
     assert not products.float64_matmuls_are_fast(torch.device("mps"))
+
+
+def test_split_products_run_in_full_float32_whatever_the_global_setting():
+    # TF32 ("high") would round the rest terms to 10 bits: 2**-17 instead of 2**-30.
+    class MatmulPrecisions(TorchDispatchMode):
+        seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm_.default):
+                self.seen.add(torch.get_float32_matmul_precision())
+            return func(*args, **(kwargs or {}))
+
+    a, b = torch.randn(8, 32), torch.randn(32, 8)
+    torch.set_float32_matmul_precision("high")
+    try:
+        with MatmulPrecisions() as precisions:
+            products.exact_matmul(a, b, float64_matmuls=False)
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision("highest")
+    assert precisions.seen == {"highest"}

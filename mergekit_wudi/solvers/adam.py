@@ -17,7 +17,8 @@ below float32 rounding (``products.exact_matmul``: float64 matmuls, or float32
 matmuls on error-free splits where float64 is slow); the 300 steps are plain
 float32. Neither D nor a float64 copy of anything ``[out, in]`` is kept: the
 working memory is the four Adam tensors (offset, gradient, two moments), the
-anchor and R, six float32 copies, beside C (float32 plus its float32 low part).
+anchor and R, six float32 copies, beside C (three float32 ``[in, in]``: as much
+as one float64 and one float32 copy of it).
 """
 
 import logging
@@ -52,6 +53,7 @@ ADAM_EPS = 1e-8
 # Every this many Adam steps the offset is folded into the anchor and the
 # residual moved with it by an accurate product.
 RESIDUAL_REFRESH_STEPS = 50
+
 
 def wudi_adam(
     task_vectors: Sequence[torch.Tensor],

@@ -22,6 +22,7 @@ needs only float32 accuracy. Three float32 matmuls in all; the error is about
 (C) is split once and kept so (``AccurateMatrix``).
 """
 
+import contextlib
 import math
 from typing import Iterator, Optional
 
@@ -81,6 +82,18 @@ def slices(length: int, size: int) -> Iterator[slice]:
     """Consecutive slices of at most ``size`` covering ``range(length)``."""
     for start in range(0, length, max(size, 1)):
         yield slice(start, min(start + size, length))
+
+
+@contextlib.contextmanager
+def _full_float32_matmuls():
+    """Float32 matmuls in full float32 for the split products: TF32 (``high``) or
+    bfloat16 (``medium``) would round the rest terms to 10 or 7 bits."""
+    setting = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(setting)
 
 
 def exact_matmul(a: torch.Tensor, b: torch.Tensor, *, float64_matmuls: bool) -> torch.Tensor:
@@ -225,9 +238,10 @@ def _split_product(left, high, lead, rest) -> torch.Tensor:
     product = torch.zeros(a_lead.shape[0], high.shape[1], dtype=torch.float64, device=high.device)
     # The smaller terms too are summed a chunk at a time: float32's error on a
     # sum of n terms grows with n (up to n itself, in a narrow product).
-    for chunk in slices(a_lead.shape[1], EXACT_CHUNK):
-        product += a_lead[:, chunk] @ lead[chunk]  # exact in float32
-        product += (a_lead[:, chunk] @ rest[chunk]).addmm_(a_rest[:, chunk], high[chunk])
+    with _full_float32_matmuls():
+        for chunk in slices(a_lead.shape[1], EXACT_CHUNK):
+            product += a_lead[:, chunk] @ lead[chunk]  # exact in float32
+            product += (a_lead[:, chunk] @ rest[chunk]).addmm_(a_rest[:, chunk], high[chunk])
     return product
 
 
