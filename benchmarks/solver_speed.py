@@ -17,13 +17,14 @@ noise, entries about 1e-3: ``tests.oracle.structured_task_vectors``) with
 Time per step: ``T(k)`` is the time of a k-step run; one-off work (statistics,
 stacking, allocations) cancels out of differences. The authors' step is
 ``(T(1 + steps) - T(1)) / steps``. Ours is timed on the Adam loop
-(``solvers.adam_descent``) with the statistics C, D computed once beforehand and
-timed apart ("setup"), since on LLaMA shapes recomputing them for every timing
-would cost minutes; its result is what ``wudi_adam`` returns whenever the loss
-went down, as it does on these inputs. Every ``solvers.RESIDUAL_REFRESH_STEPS``-th
-of our steps re-anchors the gradient in float64, so our figure is the average
-over that period: a refresh step is ``T(1) - T(0)``, an ordinary one is taken from
-``T(1 + steps) - T(1)``. Ours and the plain matmul below are timed in turn in
+(``solvers.adam_descent``) with C and the residual computed once beforehand and
+timed apart ("setup": ``solvers.gram_and_residual``), since on LLaMA shapes
+recomputing them for every timing would cost minutes; its result is what
+``wudi_adam`` returns whenever the loss went down, as it does on these inputs.
+Every ``solvers.RESIDUAL_REFRESH_STEPS`` steps, and once at the end, the loop
+folds its offset into the residual with an accurate product, so our figure is
+the average over that period: a fold is ``T(0)`` (no step, the final fold), an
+ordinary step is taken from ``T(1 + steps) - T(1)``. Ours and the plain matmul below are timed in turn in
 each of ``--repeats`` rounds (ViT shapes; one round elsewhere) and the fastest of
 each kept, the reference is timed once; CUDA is synchronised around each. With ``--cpu-time``
 (one thread only) a timing is the process's CPU time instead of wall time, which
@@ -38,7 +39,7 @@ matmul rate measured in this run) exceeds ``--reference-budget`` or its
 Throughput: our step's ``2 out in^2`` FLOPs (the Gram form, which every shape here
 uses) over its average time, against a plain float32 ``torch.matmul`` of the same
 operands timed in the same run. The rest of a step is Adam's elementwise passes
-and the float64 refresh.
+and the folds.
 
 Peak extra memory of one whole ``wudi_adam`` solve (2 steps), measured in a fresh
 process per configuration once the task vectors exist and the thread pools are
@@ -53,13 +54,13 @@ same way as a calibration. The result counts as extra memory.
 TF32 (CUDA only): the same solve with ``torch.set_float32_matmul_precision("high")``
 against the default ``"highest"`` (true float32).
 
-Spectral table (whole solve per weight, setup included). The statistics (C, D:
-``solvers.interference_statistics``) are computed once per weight and timed as
-"setup"; each solver's time is that setup plus its own work on it: the spectral
-solve at its defaults (t = 300, no cut; where ``N out < in`` from the stacked
-statistics, timed apart, and the smaller ``S S^T``), Adam's 300 steps (on CPU
-projected from the measured average step, as in the first table: a full run would
-take an hour on the largest shape), the closed form's Cholesky solve. Where the
+Spectral table (whole solve per weight, setup included). Each solver's time
+covers its own statistics ("setup": C and D for the spectral solve, from the
+stacked task vectors where ``N out < in``; the scan, C and the residual for Adam)
+and its own work on them: the spectral solve at its defaults (t = 300, no cut),
+Adam's 300 steps (on CPU projected from the measured average step, as in the
+first table: a full run would take an hour on the largest shape), and
+``wudi_closed_form`` whole. Where the
 spectral solve uses the row space, the ``in x in`` Gram path is timed too if its
 estimate (the row-space solve's time times ``(in / N out)^3``) fits in
 ``--gram-path-budget``, to show whether the smaller side pays. On ViT shapes the
@@ -154,23 +155,41 @@ def authors_seconds_per_step(task_vectors, steps, device):
     return (total - one) / steps, result
 
 
-def ours_and_plain_seconds(stats, steps, device, repeats):
-    """Our step averaged over one refresh period, a plain matmul of the same size,
+def prepare_descent(task_vectors):
+    """What ``wudi_adam`` computes before its Adam loop: the sum, C and the residual."""
+    scan = solvers.scan_task_vectors(task_vectors)
+    float64_matmuls = solvers.float64_matmuls_are_fast(scan.initial.device)
+    gram, residual = solvers.gram_and_residual(task_vectors, scan, float64_matmuls)
+    return scan.initial, gram, residual
+
+
+def descend(prepared, iterations):
+    """``wudi_adam``'s Adam loop on copies of the prepared state; returns tau_m."""
+    anchor, gram, residual = prepared
+    merged = anchor.clone()
+    solvers.adam_descent(
+        gram, residual.clone(), merged, iterations, solvers.DEFAULT_LEARNING_RATE
+    )
+    return merged
+
+
+def ours_and_plain_seconds(prepared, steps, device, repeats):
+    """Our step averaged over one fold period, a plain matmul of the same size,
     and our result after 1 + steps steps.
 
     The timings take turns in each of ``repeats`` rounds, so that a busy spell on
-    a shared machine slows both alike. Steps 1, 1 + P, 1 + 2P, ...
-    (P = ``RESIDUAL_REFRESH_STEPS``) refresh the float64 anchor; ``refreshes`` of
-    them fall within steps 2 .. 1 + steps.
+    a shared machine slows both alike. A fold precedes steps 1 + P, 1 + 2P, ...
+    (P = ``RESIDUAL_REFRESH_STEPS``) and follows the last; ``folds`` of them
+    fall within steps 2 .. 1 + steps.
     """
-    merged = torch.randn_like(stats.initial)
-    gram = torch.randn_like(stats.gram, dtype=merged.dtype)
+    anchor, gram, _ = prepared
+    merged = torch.randn_like(anchor)
+    matrix = torch.randn(anchor.shape[1], anchor.shape[1], dtype=merged.dtype, device=device)
     product = torch.empty_like(merged)
     calls = max(steps, 10 if device.type == "cuda" else 1)
     timed = {
-        "plain": lambda: torch.matmul(merged, gram, out=product),
-        **{iterations: functools.partial(
-            solvers.adam_descent, stats, iterations, solvers.DEFAULT_LEARNING_RATE)
+        "plain": lambda: torch.matmul(merged, matrix, out=product),
+        **{iterations: functools.partial(descend, prepared, iterations)
            for iterations in (0, 1, 1 + steps)},
     }
     best, results = dict.fromkeys(timed, math.inf), {}
@@ -179,9 +198,9 @@ def ours_and_plain_seconds(stats, steps, device, repeats):
             elapsed, results[key] = seconds(fn, device, calls=calls if key == "plain" else 1)
             best[key] = min(best[key], elapsed)
     period = solvers.RESIDUAL_REFRESH_STEPS
-    refresh, refreshes = best[1] - best[0], steps // period
-    ordinary = (best[1 + steps] - best[1] - refreshes * refresh) / (steps - refreshes)
-    return (refresh + (period - 1) * ordinary) / period, best["plain"], results[1 + steps]
+    fold, folds = best[0], steps // period
+    ordinary = (best[1 + steps] - best[1] - folds * fold) / steps
+    return (fold + period * ordinary) / period, best["plain"], results[1 + steps]
 
 
 def available_bytes(device: torch.device) -> int:
@@ -211,11 +230,9 @@ def compare(shape, experts, steps, device, repeats, closed_form, reference_budge
     row = {"shape": shape, "experts": experts, "steps": steps}
 
     # Seconds-long one-off solves: timed once.
-    row["setup"], stats = seconds(
-        lambda: solvers.interference_statistics(task_vectors, dtype=torch.float32), device
-    )
-    row["ours"], row["plain"], ours = ours_and_plain_seconds(stats, steps, device, repeats)
-    del stats
+    row["setup"], prepared = seconds(lambda: prepare_descent(task_vectors), device)
+    row["ours"], row["plain"], ours = ours_and_plain_seconds(prepared, steps, device, repeats)
+    del prepared
     if closed_form:
         row["closed_form"], _ = seconds(
             lambda: solvers.wudi_closed_form(task_vectors, omega=solvers.DEFAULT_OMEGA), device
@@ -245,21 +262,26 @@ def whole_solves(shape, experts, adam_steps, device, repeats, gram_path_budget):
     task_vectors = [t.to(device) for t in structured_task_vectors(experts, *shape, seed=0)]
     initial = sum(t.double() for t in task_vectors)
     row = {"shape": shape, "experts": experts, "adam_steps": adam_steps}
-    row["setup"], gram_stats = seconds(lambda: solvers.interference_statistics(
-        task_vectors, dtype=torch.float64, ridge_term=True), device)
     row["row_space"] = solvers.prefers_row_space(out_features, in_features, experts)
+    gram_stats = None
+    if not row["row_space"] or in_features <= PRECISION_MAX_IN:
+        row["gram_setup"], gram_stats = seconds(lambda: solvers.interference_statistics(
+            task_vectors, dtype=spectral.EIGEN_DTYPE), device)
     if row["row_space"]:
-        row["spectral_setup"], stats = seconds(lambda: solvers.interference_statistics(
+        row["setup"], stats = seconds(lambda: solvers.interference_statistics(
             task_vectors, stacked=True, dtype=spectral.EIGEN_DTYPE), device)
     else:
-        row["spectral_setup"], stats = row["setup"], gram_stats
+        row["setup"], stats = row["gram_setup"], gram_stats
     solve, result = seconds(lambda: spectral_defaults(stats), device)
-    row["spectral"] = row["spectral_setup"] + solve
+    row["spectral"] = row["setup"] + solve
     if row["row_space"]:
         estimate = solve * (in_features / (experts * out_features)) ** 3
         if estimate <= gram_path_budget:
+            if gram_stats is None:
+                row["gram_setup"], gram_stats = seconds(lambda: solvers.interference_statistics(
+                    task_vectors, dtype=spectral.EIGEN_DTYPE), device)
             gram_solve, gram_result = seconds(lambda: spectral_defaults(gram_stats), device)
-            row["gram_path"] = row["setup"] + gram_solve
+            row["gram_path"] = row["gram_setup"] + gram_solve
             row["path_difference"] = relative_error(gram_result - initial, result - initial)
         else:
             row["gram_path_skip"] = f"skipped: est. {estimate:.0f} s"
@@ -271,15 +293,15 @@ def whole_solves(shape, experts, adam_steps, device, repeats, gram_path_budget):
                            exact - initial)
             for flow_time, exact in ((solvers.DEFAULT_FLOW_TIME, result), (math.inf, infinite))
         ]
-    # Adam works on float32 statistics; the float64 sum rounded once is its start.
-    adam_stats = dataclasses.replace(
-        gram_stats, initial=gram_stats.initial.float(), dtype=torch.float32, weighted_sum=None)
-    step, _, _ = ours_and_plain_seconds(adam_stats, adam_steps, device, repeats)
-    del adam_stats
-    row["adam"] = row["setup"] + ADAM_STEPS * step
-    solve, _ = seconds(lambda: solvers.closed_form_solve(gram_stats, solvers.DEFAULT_OMEGA),
-                       device)
-    row["closed_form"] = row["setup"] + solve
+    del gram_stats
+    # Adam: its own setup (the scan, C and the residual) plus 300 steps at the
+    # measured average step (projected on CPU, see the module docstring).
+    adam_setup, prepared = seconds(lambda: prepare_descent(task_vectors), device)
+    step, _, _ = ours_and_plain_seconds(prepared, adam_steps, device, repeats)
+    del prepared
+    row["adam"] = adam_setup + ADAM_STEPS * step
+    row["closed_form"], _ = seconds(
+        lambda: solvers.wudi_closed_form(task_vectors, omega=solvers.DEFAULT_OMEGA), device)
     return row
 
 
@@ -616,6 +638,15 @@ def issue_3_tables(args, vit_steps, long_steps, llama_steps):
         print_tf32_table(vit_rows + [long_row] + llama_rows)
     print("\n## Targets\n")
     print_targets(vit_rows + [long_row] + llama_rows, throughput_rows, memory_ratio)
+    print_total(started, " (memory probes included)")
+
+
+def print_total(started: float, note: str = "") -> None:
+    """Wall and CPU time since ``started``, this process's and its children's."""
+    used = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    print(f"\nTotal {time.perf_counter() - started:.0f} s wall, "
+          f"{sum(u.ru_utime + u.ru_stime for u in used):.0f} s CPU{note}, "
+          f"load average at end {os.getloadavg()[0]:.2f}.")
 
 
 if __name__ == "__main__":

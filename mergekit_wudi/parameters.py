@@ -23,6 +23,18 @@ class Solver(str, Enum):
     SPECTRAL = "spectral"  # the gradient flow of Eq. 21 by eigendecomposition (OptMerge)
 
 
+class Precision(str, Enum):
+    """How the Adam solver's few accurate products are computed (``solvers.products``)."""
+
+    AUTO = "auto"  # float64 matmuls where the device runs them fast
+    FLOAT64 = "float64"  # float64 matmuls
+    FLOAT32 = "float32"  # float32 matmuls on error-free splits, none in float64
+
+
+# ``solvers.wudi_adam``'s ``float64_matmuls`` for each setting (None: ask the device).
+FLOAT64_MATMULS = {Precision.AUTO: None, Precision.FLOAT64: True, Precision.FLOAT32: False}
+
+
 class ParameterValueError(ValueError):
     """A bad value for one of WUDI's parameters, for the model ``model`` if per-model."""
 
@@ -135,6 +147,7 @@ PARAMETERS = (
     _parameter("learning_rate", _positive("learning_rate"), solvers.DEFAULT_LEARNING_RATE),
     _parameter("solver", _choice("solver", Solver), Solver.ADAM),
     _parameter("omega", _positive("omega"), solvers.DEFAULT_OMEGA),
+    _parameter("precision", _choice("precision", Precision), Precision.AUTO),
     _parameter("flow_time", _time("flow_time"), solvers.DEFAULT_FLOW_TIME),
     _parameter("rank_ratio", _ratio_or_auto("rank_ratio"), solvers.DEFAULT_RANK_RATIO),
     _parameter("rank_rule", _choice("rank_rule", solvers.RankRule),

@@ -11,13 +11,16 @@ The kernel (``method``) is a loop over these; a tool that must agree with the
 merge (the report) uses the same functions.
 """
 
+import logging
 from typing import Any, Hashable, Iterator, Mapping, Optional, Sequence
 
 import torch
 
 from mergekit_wudi import solvers
-from mergekit_wudi.parameters import Solver
+from mergekit_wudi.parameters import FLOAT64_MATMULS, Solver
 from mergekit_wudi.tensor_rules import Layout, TensorFate
+
+LOG = logging.getLogger(__name__)
 
 
 class TaskVectors(Sequence[torch.Tensor]):
@@ -27,7 +30,7 @@ class TaskVectors(Sequence[torch.Tensor]):
     nothing, exactly as if absent: they are left out (``ids`` lists the models
     kept, ``weights`` their weights). Each task vector is made when read, in
     ``dtype`` (by default float32, float64 for float64 storage) and transposed to
-    ``[out, in]`` if ``transpose``, so peak memory does not grow with the number of models.
+    ``[out, in]`` if ``transpose``, on ``device`` (by default the tensors' own), so peak memory does not grow with the number of models.
     ``name`` labels messages: the tensor's name, ``name[e]`` for expert slice e.
     """
 
@@ -41,6 +44,7 @@ class TaskVectors(Sequence[torch.Tensor]):
         transpose: bool = False,
         name: Optional[str] = None,
         dtype: Optional[torch.dtype] = None,
+        device: Optional[torch.device] = None,
     ):
         ids = list(range(len(experts))) if ids is None else list(ids)
         kept = [
@@ -56,14 +60,32 @@ class TaskVectors(Sequence[torch.Tensor]):
         if dtype is None:
             dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
         self.dtype = dtype
-        self._working_base = base.to(self.dtype)
+        self._working_base = base.to(device=device, dtype=self.dtype)
 
     def __len__(self) -> int:
         return len(self.experts)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        tau = (self.experts[index].to(self.dtype) - self._working_base).mul_(self.weights[index])
+        expert = self.experts[index].to(device=self.device, dtype=self.dtype)
+        tau = (expert - self._working_base).mul_(self.weights[index])
         return tau.T if self.transpose else tau
+
+    @property
+    def device(self) -> torch.device:
+        """Where the task vectors are made (by default the stored tensors' device)."""
+        return self._working_base.device
+
+    @property
+    def shape(self) -> torch.Size:
+        """The ``[out, in]`` shape the solvers see."""
+        return self.base.T.shape if self.transpose else self.base.shape
+
+    def on(self, device: torch.device) -> "TaskVectors":
+        """The same task vectors, made on ``device``."""
+        return TaskVectors(
+            self.base, self.experts, self.weights, self.ids, transpose=self.transpose,
+            name=self.name, dtype=self.dtype, device=device,
+        )
 
     def exact_result(self, lam: float) -> Optional[torch.Tensor]:
         """The stored tensor itself where the merge needs no arithmetic: the base's
@@ -79,6 +101,7 @@ class TaskVectors(Sequence[torch.Tensor]):
         """``W_base + lam * merged`` as stored: ``merged`` (a merged task vector in
         the ``[out, in]`` view) back in the stored orientation, rounded once to the
         stored dtype. An overflow there is an error naming the tensor."""
+        merged = merged.to(self.base.device)
         if self.transpose:
             merged = merged.T
         result = (self.base.to(merged.dtype) + lam * merged).to(self.base.dtype)
@@ -125,23 +148,66 @@ def stack_matrices(fate: TensorFate, matrices: Sequence[torch.Tensor]) -> torch.
     return torch.stack(list(matrices)) if fate.stacked else matrices[0]
 
 
-def solve(
-    task_vectors: Sequence[torch.Tensor], parameters: Mapping[str, Any], name: Optional[str] = None
-) -> torch.Tensor:
+def solve(task_vectors: TaskVectors, parameters: Mapping[str, Any], name: Optional[str] = None) -> torch.Tensor:
     """The merged task vector ``tau_m`` (``[out, in]``) of one problem, by the
-    configured solver; ``parameters`` as the kernel receives them."""
-    if parameters["solver"] == Solver.SPECTRAL:
+    configured solver; ``parameters`` as the kernel receives them. A solve that
+    would not fit in the memory left on its accelerator runs on the CPU
+    (``solve_device``)."""
+    solver = parameters["solver"]
+    needed = working_bytes(solver, task_vectors.shape, len(task_vectors), task_vectors.dtype)
+    device = solve_device(name, task_vectors.device, needed, free_memory(task_vectors.device))
+    if device != task_vectors.device:
+        task_vectors = task_vectors.on(device)
+    if solver == Solver.SPECTRAL:
         return solvers.wudi_spectral(
             task_vectors,
             flow_time=parameters["flow_time"],
             rank_ratio=parameters["rank_ratio"],
             rank_rule=parameters["rank_rule"],
         )
-    if parameters["solver"] == Solver.CLOSED_FORM:
+    if solver == Solver.CLOSED_FORM:
         return solvers.wudi_closed_form(task_vectors, omega=parameters["omega"], name=name)
     return solvers.wudi_adam(
         task_vectors,
         iterations=parameters["iterations"],
         learning_rate=parameters["learning_rate"],
+        float64_matmuls=FLOAT64_MATMULS[parameters["precision"]],
         name=name,
     )
+
+
+# Device fit: a solve that would not fit in the memory left on its accelerator
+# runs on the CPU instead (with a warning), rather than stopping the merge.
+def working_bytes(solver: Solver, shape: Sequence[int], experts: int, dtype: torch.dtype) -> int:
+    """Peak bytes of one solve of an ``[out, in]`` weight, beyond mergekit's inputs."""
+    out_features, in_features = shape
+    if solver == Solver.CLOSED_FORM:
+        needed = solvers.closed_form_working_bytes(out_features, in_features, experts)
+    elif solver == Solver.SPECTRAL:
+        needed = solvers.spectral_working_bytes(out_features, in_features, experts)
+    else:
+        needed = solvers.adam_working_bytes(out_features, in_features, experts, dtype)
+    # TaskVectors' copy of the base in dtype, and one task vector made on demand.
+    return needed + 2 * out_features * in_features * (torch.finfo(dtype).bits // 8)
+
+
+def free_memory(device: torch.device) -> Optional[int]:
+    """Bytes still free for a solve on ``device``; None where there is no limit to check (CPU)."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    # Blocks torch's caching allocator holds but no tensor uses are free to it too.
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def solve_device(
+    name: Optional[str], device: torch.device, needed: int, free: Optional[int]
+) -> torch.device:
+    """``device`` if a solve needing ``needed`` bytes fits in ``free``, else the CPU."""
+    if free is None or needed <= free:
+        return device
+    LOG.warning(
+        "wudi: tensor %r needs about %.2f GiB to solve and %s has %.2f GiB free;"
+        " solving it on the CPU", name, needed / 2**30, device, free / 2**30,
+    )
+    return torch.device("cpu")

@@ -6,7 +6,7 @@ from mergekit.merge_methods.api import merge_tensors
 
 from mergekit_wudi import solvers
 from tests.conftest import load_weights, run_console_script
-from tests.oracle import relative_error, structured_task_vectors
+from tests.oracle import authors_wudi, relative_error, structured_task_vectors
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -16,6 +16,13 @@ def test_solver_runs_on_the_tensors_device_and_matches_cpu():
     on_gpu = solvers.wudi_adam([tau.cuda() for tau in taus])
     assert on_gpu.device.type == "cuda"
     assert relative_error(on_gpu.cpu(), solvers.wudi_adam(taus)) < 1e-4
+
+
+@pytest.mark.parametrize("float64_matmuls", [True, False])
+def test_both_precisions_on_the_gpu_follow_the_authors_loop(float64_matmuls):
+    taus = structured_task_vectors(3, 192, 128, seed=5)
+    on_gpu = solvers.wudi_adam([tau.cuda() for tau in taus], float64_matmuls=float64_matmuls)
+    assert relative_error(on_gpu.cpu(), authors_wudi(taus)) < 1e-5
 
 
 def test_merge_tensors_on_cuda_keeps_dtype_and_device():

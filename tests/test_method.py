@@ -1,10 +1,12 @@
 """The mergekit binding, through mergekit's own in-memory API (merge_tensors)."""
 
+import logging
+
 import pytest
 import torch
 from mergekit.merge_methods.api import merge_tensors
 
-from mergekit_wudi import solvers
+from mergekit_wudi import problems, solvers
 from tests.oracle import (
     authors_wudi,
     clamped_spectrum,
@@ -180,6 +182,7 @@ def test_nan_input_names_tensor_and_model(solver):
         ({"rank_ratio": "automatic"}, r"'rank_ratio' must be .* or 'auto', got 'automatic'"),
         ({"rank_rule": "elbow"},
          "'rank_rule' must be one of participation_sqrt, gavish_donoho; got 'elbow'"),
+        ({"precision": "bf16"}, "'precision' must be one of auto, float64, float32; got 'bf16'"),
         ({"iteration": 50}, "Unknown parameter.*iteration"),
     ],
 )
@@ -196,3 +199,44 @@ def test_yaml_style_numeric_strings_are_numbers():
         wudi(base, experts, learning_rate="3e-5", iterations="20"),
         wudi(base, experts, learning_rate=3e-5, iterations=20),
     )
+
+
+@pytest.mark.parametrize("precision", ["auto", "float64", "float32"])
+def test_precision_chooses_the_accurate_products(precision, monkeypatch):
+    seen = []
+    solve = solvers.wudi_adam
+    monkeypatch.setattr(solvers, "wudi_adam", lambda *a, **k: seen.append(k) or solve(*a, **k))
+    base, experts = make_models()
+    merged = wudi(base, experts, precision=precision)
+    assert seen[0]["float64_matmuls"] == {"auto": None, "float64": True, "float32": False}[precision]
+    expected = authors_wudi([expert - base for expert in experts])
+    assert relative_error(merged - base, expected) < 1e-5
+
+
+def test_a_solve_that_fits_stays_and_one_that_does_not_moves_to_the_cpu(caplog):
+    cuda = torch.device("cuda", 1)
+    assert problems.solve_device("x.weight", cuda, needed=2**30, free=2**31) == cuda
+    assert problems.solve_device("x.weight", torch.device("cpu"), needed=2**40, free=None).type == "cpu"
+    assert caplog.text == ""
+    with caplog.at_level(logging.WARNING, logger="mergekit_wudi.problems"):
+        assert problems.solve_device("x.weight", cuda, needed=3 * 2**30, free=2**30).type == "cpu"
+    assert "'x.weight' needs about 3.00 GiB to solve and cuda:1 has 1.00 GiB free" in caplog.text
+
+
+@pytest.mark.parametrize("solver", ["adam", "closed_form"])
+def test_merge_asks_for_the_solve_s_memory_and_falls_back_with_a_warning(solver, monkeypatch, caplog):
+    # A 70B down_proj on a 24 GB GPU, scaled down: the free memory reported is
+    # smaller than the solve needs, so the tensor is solved on the CPU (here the
+    # CPU already) with a warning naming it, and the result is unchanged.
+    base, experts = make_models(3, shape=(24, 40))
+    expected = wudi(base, experts, solver=solver)
+    asked = []
+    monkeypatch.setattr(problems, "free_memory", lambda device: asked.append(device) or 1024)
+    with caplog.at_level(logging.WARNING, logger="mergekit_wudi.problems"):
+        merged = wudi(base, experts, solver=solver)
+    assert asked == [base.device]
+    assert f"tensor {LINEAR!r} needs about" in caplog.text and "solving it on the CPU" in caplog.text
+    assert torch.equal(merged, expected)
+    needed = problems.working_bytes(problems.Solver(solver), (24, 40), 3, torch.float32)
+    assert needed > (solvers.adam_working_bytes(24, 40, 3) if solver == "adam"
+                     else solvers.closed_form_working_bytes(24, 40, 3))

@@ -6,7 +6,7 @@ import torch
 from mergekit.merge_methods.api import merge_tensors
 
 from mergekit_wudi import solvers
-from mergekit_wudi.parameters import Solver
+from mergekit_wudi.parameters import Precision, Solver
 from mergekit_wudi.problems import TaskVectors, solve, stack_matrices, wudi_problems
 from mergekit_wudi.tensor_rules import Fallback, Layout, TensorFate
 from tests.oracle import authors_wudi, relative_error, structured_task_vectors
@@ -113,9 +113,17 @@ def test_wudi_problems_are_the_slices_in_the_out_in_view():
 
 
 def test_solve_dispatches_to_the_configured_solver():
-    taus = structured_task_vectors(3, 12, 10, scale=1e-2)
-    problem = TaskVectors(torch.zeros(12, 10), taus, [1.0] * 3)
-    parameters = {"solver": Solver.CLOSED_FORM, "omega": 1e-3, "iterations": 7, "learning_rate": 1e-5}
+    # At [40, 30] and 60 steps the two precisions' results differ in their last bits.
+    taus = structured_task_vectors(3, 40, 30, scale=1e-2)
+    problem = TaskVectors(torch.zeros(40, 30), taus, [1.0] * 3)
+    parameters = {"solver": Solver.CLOSED_FORM, "omega": 1e-3, "iterations": 60, "learning_rate": 1e-5,
+                  "precision": Precision.FLOAT32, "flow_time": 30.0, "rank_ratio": 0.5,
+                  "rank_rule": solvers.RankRule.GAVISH_DONOHO}
     assert torch.equal(solve(problem, parameters), solvers.wudi_closed_form(taus, omega=1e-3))
     parameters["solver"] = Solver.ADAM
-    assert torch.equal(solve(problem, parameters), solvers.wudi_adam(taus, iterations=7))
+    assert torch.equal(solve(problem, parameters),
+                       solvers.wudi_adam(taus, iterations=60, float64_matmuls=False))
+    assert not torch.equal(solve(problem, parameters), solvers.wudi_adam(taus, iterations=60))
+    parameters["solver"] = Solver.SPECTRAL
+    assert torch.equal(solve(problem, parameters),
+                       solvers.wudi_spectral(taus, flow_time=30.0, rank_ratio=0.5))

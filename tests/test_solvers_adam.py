@@ -1,9 +1,15 @@
-"""The Adam solver against the authors' formulation (tests/oracle.py)."""
+"""The Adam solver against the authors' formulation (tests/oracle.py).
+
+Precision tests run both ways of computing the accurate products: float64
+matmuls and split float32 ones (``float64_matmuls=False``, the path chosen on
+GPUs slow at float64).
+"""
 
 import pytest
 import torch
 
 from mergekit_wudi import solvers
+from tests.measure import LiveTensorBytes, MatmulFlops
 from tests.oracle import (
     authors_wudi,
     low_rank_task_vectors,
@@ -12,13 +18,17 @@ from tests.oracle import (
 )
 
 SHAPES = [(64, 32), (32, 64), (16, 200)]  # in < out, in > out, stacked form
+PRODUCTS = pytest.mark.parametrize(
+    "float64_matmuls", [True, False], ids=["float64-matmuls", "split-float32"]
+)
 
 
+@PRODUCTS
 @pytest.mark.parametrize("count", [1, 2, 3, 8])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
-def test_adam_equals_authors_formulation(count, shape):
+def test_adam_equals_authors_formulation(count, shape, float64_matmuls):
     taus = structured_task_vectors(count, *shape, seed=count)
-    merged = solvers.wudi_adam(taus)
+    merged = solvers.wudi_adam(taus, float64_matmuls=float64_matmuls)
     expected = authors_wudi(taus)
     assert relative_error(merged, expected) < 1e-5
     # The solve really moved: a no-op solver would fail here.
@@ -85,11 +95,11 @@ def test_adam_is_torch_optim_adam(dtype):
     start = torch.randn(24, 16, generator=generator, dtype=dtype)
     curvature = torch.rand(16, generator=generator, dtype=dtype) + 0.1
 
-    def fill_gradient(step, out):
-        torch.mul(ours, curvature * step**0.5, out=out)  # step-dependent, like re-anchoring
+    def gradient_at(step):
+        return ours * (curvature * step**0.5)  # step-dependent, like re-anchoring
 
     ours = start.clone()
-    solvers.adam_steps(ours, fill_gradient, 40, 3e-2)
+    solvers.adam_steps(ours, gradient_at, 40, 3e-2)
     references = {}
     for fused in (True, False):
         reference = start.clone()
@@ -104,14 +114,55 @@ def test_adam_is_torch_optim_adam(dtype):
     assert float((ours - references[False]).abs().max()) < rounding
 
 
+@PRODUCTS
 @pytest.mark.parametrize("shape,ranks", [((96, 64), (2, 4, 8)), ((64, 96), (2, 4, 8)),
                                          ((128, 128), (4, 4, 4, 4)), ((8, 120), (1, 2))])
-def test_low_rank_task_vectors_follow_the_exact_trajectory(shape, ranks):
+def test_low_rank_task_vectors_follow_the_exact_trajectory(shape, ranks, float64_matmuls):
     # LoRA-like updates make C singular: float32 copies of C and D would shift the
     # minimum along the directions they do not span (2e-6 to 1.5e-5 off before the
-    # anchored gradient). The authors' float32 loop is 4.4e-7 to 5.1e-7 off here;
-    # ours, rounding tau_m once per re-anchoring rather than every step, 0.7e-7 to
-    # 1.7e-7 (4.4e-7 to 5.1e-7 while Adam updated tau_m in float32 itself).
+    # anchored gradient), and so would float32 products in the residual and its
+    # folds (6e-7 to 1.8e-6). The authors' float32 loop is 4.4e-7 to 5.1e-7 off
+    # here; ours 1.0e-7 to 1.7e-7 with either kind of accurate product, rounding
+    # tau_m once per fold rather than every step.
     taus = low_rank_task_vectors(*shape, ranks, seed=sum(ranks))
     exact = authors_wudi(taus, dtype=torch.float64)
-    assert relative_error(solvers.wudi_adam(taus), exact) < 3e-7
+    merged = solvers.wudi_adam(taus, float64_matmuls=float64_matmuls)
+    assert relative_error(merged, exact) < 3e-7
+
+
+# Shapes of 2**20 entries: the accurate products' blocks are 1/16 of a tensor.
+@pytest.mark.parametrize("shape,experts", [((4096, 256), 3), ((512, 2048), 2), ((256, 4096), 2)],
+                         ids=["out>in", "in>out", "stacked"])
+def test_working_memory_is_six_copies_beside_c_whatever_the_experts(shape, experts, monkeypatch):
+    monkeypatch.setattr(solvers.adam, "RESIDUAL_REFRESH_STEPS", 2)  # a fold within 4 steps
+    out_features, in_features = shape
+    copy = 4 * out_features * in_features
+    c_bytes = (experts * copy if solvers.prefers_stacked_form(*shape, experts)
+               else 12 * in_features**2)  # the stacked task vectors, or C in three float32
+    peaks = []
+    for count in (experts, experts + 4):
+        taus = structured_task_vectors(count, *shape)
+        with LiveTensorBytes() as memory:
+            solvers.wudi_adam(taus, iterations=4)
+        peaks.append(memory.peak)
+        assert memory.peak <= solvers.adam_working_bytes(*shape, count)
+    # Offset, gradient, two Adam moments, anchor, residual; the old solver held 16.
+    assert (peaks[0] - c_bytes) / copy <= 6.2
+    if not solvers.prefers_stacked_form(*shape, experts + 4):
+        assert peaks[1] == peaks[0]
+
+
+def test_split_products_spend_no_float64_matmuls():
+    taus = structured_task_vectors(3, 96, 64)
+    counts = {}
+    for float64_matmuls in (True, False):
+        with MatmulFlops() as flops:
+            solvers.wudi_adam(taus, float64_matmuls=float64_matmuls)
+        counts[float64_matmuls] = flops.flops
+    steps = solvers.DEFAULT_ITERATIONS * 2 * 96 * 64**2
+    assert counts[False][torch.float64] == 0
+    # Split products: three float32 matmuls where one float64 one was.
+    assert counts[False][torch.float32] > counts[True][torch.float32] >= steps
+    # Float64: the residual (3 experts' Grams, 3 terms through them) and 6 folds
+    # (5 every 50 steps, 1 at the end), each a step's worth: 12 steps' of the 300.
+    assert counts[True][torch.float64] == 12 * 2 * 96 * 64**2

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from mergekit_wudi.solvers import interference_loss, wudi_closed_form
+from mergekit_wudi.solvers import closed_form_working_bytes, interference_loss, wudi_closed_form
+from tests.measure import LiveTensorBytes
 from tests.oracle import (
     exact_minimiser,
     normal_equations_wudi_cfs,
@@ -41,3 +42,15 @@ def test_tiny_omega_approaches_the_minimiser_of_eq21(shape, count):
     # ... and the tiniest closes all but 1e-5 of the gap from the sum start to the minimum.
     assert losses[-1] <= start
     assert losses[-1] - minimum <= 1e-5 * (start - minimum)
+
+
+@pytest.mark.parametrize("shape", [(1024, 256), (256, 1024)])
+def test_working_memory_is_bounded_whatever_the_experts(shape):
+    peaks = []
+    for count in (2, 6):
+        task_vectors = structured_task_vectors(count, *shape)
+        with LiveTensorBytes() as memory:
+            wudi_closed_form(task_vectors, omega=1e-4)
+        assert memory.peak <= closed_form_working_bytes(*shape, count)
+        peaks.append(memory.peak)
+    assert peaks[0] == peaks[1]

@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from mergekit_wudi.solvers import RankRule, interference_loss, wudi_spectral
+from mergekit_wudi.solvers import RankRule, interference_loss, spectral_working_bytes, wudi_spectral
 from mergekit_wudi.solvers.spectral import automatic_rank
+from tests.measure import LiveTensorBytes
 from tests.oracle import (
     clamped_spectrum,
     gavish_donoho_rank,
@@ -185,3 +186,16 @@ def test_automatic_rank_follows_the_rule_on_the_clamped_spectrum(shape, count, r
     if kept < rank:
         assert update_error(spectral_reference(task_vectors, flow_time, kept + 1), expected,
                             task_vectors) > 1e-4
+
+
+@pytest.mark.parametrize("shape,count", [((256, 128), 3), ((128, 256), 3), ((64, 512), 3)])
+def test_working_memory_is_within_its_estimate(shape, count):
+    # The device-fit decision (problems.solve_device) trusts the estimate: the
+    # tensors a solve makes must stay under it, in the Gram and the row-space form.
+    taus = structured_task_vectors(count, *shape)
+    estimate = spectral_working_bytes(*shape, count)
+    with LiveTensorBytes() as memory:
+        wudi_spectral(taus)
+    lapack = 8 * (2 * min(shape[1], count * shape[0]) ** 2)  # syevd's workspace, not a tensor
+    assert memory.peak <= estimate - lapack
+    assert memory.peak > 0.8 * (estimate - lapack - 2**20)

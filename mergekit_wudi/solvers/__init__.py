@@ -9,6 +9,9 @@ and returns the merged task vector ``tau_m``; all read the same statistics
 - ``spectral``: the authors' one-shot follow-up (OptMerge, arXiv 2505.19892): the
   gradient flow of Eq. 21 at time t through one eigendecomposition of C, with an
   optional rank cut (SWUDI) or an automatic one (ASWUDI).
+
+``products`` holds the matrix products accurate beyond float32 that the Adam
+solver's residual needs, with float64 matmuls or without them.
 """
 
 from mergekit_wudi.solvers.adam import (
@@ -17,9 +20,21 @@ from mergekit_wudi.solvers.adam import (
     RESIDUAL_REFRESH_STEPS,
     adam_descent,
     adam_steps,
+    adam_working_bytes,
+    gram_and_residual,
+    residual_through_own_gram,
     wudi_adam,
 )
-from mergekit_wudi.solvers.closed_form import DEFAULT_OMEGA, closed_form_solve, wudi_closed_form
+from mergekit_wudi.solvers.closed_form import (
+    DEFAULT_OMEGA,
+    closed_form_working_bytes,
+    wudi_closed_form,
+)
+from mergekit_wudi.solvers.products import (
+    FAST_FLOAT64_CAPABILITIES,
+    exact_matmul,
+    float64_matmuls_are_fast,
+)
 from mergekit_wudi.solvers.spectral import (
     AUTOMATIC_RANK,
     DEFAULT_FLOW_TIME,
@@ -28,6 +43,7 @@ from mergekit_wudi.solvers.spectral import (
     RankRule,
     prefers_row_space,
     spectral_solve,
+    spectral_working_bytes,
     wudi_spectral,
 )
 from mergekit_wudi.solvers.statistics import (
@@ -36,6 +52,7 @@ from mergekit_wudi.solvers.statistics import (
     interference_losses,
     interference_statistics,
     prefers_stacked_form,
+    scan_task_vectors,
     solve_dtype,
 )
 
@@ -46,20 +63,28 @@ __all__ = [
     "DEFAULT_LEARNING_RATE",
     "DEFAULT_OMEGA",
     "DEFAULT_RANK_RATIO",
+    "FAST_FLOAT64_CAPABILITIES",
     "MIN_EIGENVALUE",
     "RESIDUAL_REFRESH_STEPS",
     "InterferenceStatistics",
     "RankRule",
     "adam_descent",
     "adam_steps",
-    "closed_form_solve",
+    "adam_working_bytes",
+    "closed_form_working_bytes",
+    "exact_matmul",
+    "float64_matmuls_are_fast",
+    "gram_and_residual",
     "interference_loss",
     "interference_losses",
     "interference_statistics",
     "prefers_row_space",
     "prefers_stacked_form",
+    "residual_through_own_gram",
+    "scan_task_vectors",
     "solve_dtype",
     "spectral_solve",
+    "spectral_working_bytes",
     "wudi_adam",
     "wudi_closed_form",
     "wudi_spectral",

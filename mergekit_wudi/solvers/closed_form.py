@@ -4,7 +4,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from mergekit_wudi.solvers.statistics import InterferenceStatistics, interference_statistics
+from mergekit_wudi.solvers.statistics import interference_statistics
 
 # Ridge coefficient omega (paper Eq. 20).
 DEFAULT_OMEGA = 1e-4
@@ -15,6 +15,17 @@ DEFAULT_OMEGA = 1e-4
 # upper bound on its smallest eigenvalue) is below 1e-12 of C's trace (the
 # number of active experts) is refused: float64 would be out of digits there.
 MIN_RELATIVE_PIVOT = 1e-12
+
+
+def closed_form_working_bytes(out_features: int, in_features: int, experts: int) -> int:
+    """Peak bytes ``wudi_closed_form`` allocates beyond its inputs (an upper bound).
+
+    Float64 throughout: C and its Cholesky factor (``[in, in]``), and at most
+    five float64 ``[out, in]`` (D with the ridge term, then the right-hand side;
+    the sum; one task vector; the solution and a transposed copy), plus 1 MiB
+    of small ones. Whatever the number of experts.
+    """
+    return 8 * (2 * in_features**2 + 5 * out_features * in_features) + 2**20
 
 
 def wudi_closed_form(
@@ -30,27 +41,21 @@ def wudi_closed_form(
     if not task_vectors:
         raise ValueError("WUDI needs at least one task vector")
     stats = interference_statistics(task_vectors, dtype=torch.float64, ridge_term=True)
-    return closed_form_solve(stats, omega, name)
-
-
-def closed_form_solve(
-    stats: InterferenceStatistics, omega: float, name: Optional[str] = None
-) -> torch.Tensor:
-    """``wudi_closed_form`` from float64 Gram-form statistics with the ridge term."""
     if stats.active <= 1:
         return stats.initial
-    ridge = omega * stats.weight_total
-    system = stats.gram + torch.eye(
-        stats.gram.shape[0], dtype=stats.gram.dtype, device=stats.gram.device
-    ) * ridge
-    rhs = stats.target + omega * stats.weighted_sum
+    ridge, active = omega * stats.weight_total, stats.active
+    # In place: the statistics are this solve's own.
+    system = stats.gram
+    system.diagonal().add_(ridge)
+    rhs = stats.target.add_(stats.weighted_sum, alpha=omega)
+    del stats
     # system is symmetric positive definite: X system = rhs  <=>  system X^T = rhs^T.
     factor, failed = torch.linalg.cholesky_ex(system)
-    if failed or float(factor.diagonal().min()) ** 2 < MIN_RELATIVE_PIVOT * stats.active:
+    if failed or float(factor.diagonal().min()) ** 2 < MIN_RELATIVE_PIVOT * active:
         raise ValueError(
             f"wudi: tensor {name!r}: parameter 'omega' = {omega:g} is too small for"
             " these task vectors, which span too few directions to solve Eq. 20"
-            f" without it (omega * mean 1/||tau_i||^2 = {ridge / stats.active:.3g});"
+            f" without it (omega * mean 1/||tau_i||^2 = {ridge / active:.3g});"
             " raise omega"
         )
     return torch.cholesky_solve(rhs.T, factor).T

@@ -122,6 +122,25 @@ def spectral_solve(
     return start + coefficients @ (vectors.T @ rows)
 
 
+def spectral_working_bytes(out_features: int, in_features: int, experts: int) -> int:
+    """Peak bytes ``wudi_spectral`` allocates beyond its inputs (an upper bound).
+
+    Float64 throughout: the sum, D, one task vector, the coefficients and the
+    result, ``[out, in]`` each; C and its eigenvectors, ``[in, in]``, or in the row
+    space the stacked task vectors and the ``[N out, N out]`` Gram and its
+    eigenvectors (tests/test_solvers_spectral.py measures the tensors); plus
+    LAPACK's workspace for eigenvectors (``syevd``: 2 n^2 + 6 n floats) and
+    1 MiB of small ones.
+    """
+    if prefers_row_space(out_features, in_features, experts):
+        size = experts * out_features
+        tensors = 6 * out_features * in_features + size * in_features + 2 * size**2
+    else:
+        size = in_features
+        tensors = 5 * out_features * in_features + 2 * size**2
+    return 8 * (tensors + 2 * size**2 + 6 * size) + 2**20
+
+
 def prefers_row_space(out_features: int, in_features: int, experts: int) -> bool:
     """Decompose the ``[N out, N out]`` S S^T rather than the ``[in, in]`` C."""
     return experts * out_features < in_features

@@ -14,14 +14,18 @@ task vector at a time: memory does not grow with the number of experts N. Where
 ``in > 2 N out`` the factored product ``(tau_m S^T) S`` with ``S`` the stacked
 ``u_i`` is cheaper than ``C`` and smaller too.
 
-C and D are accumulated in float64: near the minimum ``tau_m C`` and ``D``
-cancel, and float32 copies of them would move the minimum itself.
+``interference_statistics`` accumulates C and D in float64 (the closed form
+reads them): near the minimum ``tau_m C`` and ``D`` cancel, and float32 copies of
+them would move the minimum itself. The Adam solver needs neither D nor a
+float64 C (``adam``), only the scan of the task vectors here.
 """
 
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence, Tuple
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 import torch
+
+from mergekit_wudi.solvers.products import blocks
 
 # Adam's second moment holds grad**2, and grad scales with the task vectors. In
 # float32 it overflows above ~1e19 and flushes to zero below ~1e-19, so task
@@ -75,12 +79,14 @@ def interference_statistics(
     """Accumulate C, D and the sums over task vectors, each read once.
 
     ``ridge_term`` also accumulates ``weighted_sum``, which only the closed form
-    reads: an ``[out, in]`` float64 the Adam solver need not hold.
+    reads: an ``[out, in]`` float64 the other solvers need not hold.
     ``loss_constant`` also accumulates Eq. 21's constant term, for the loss itself
     (``interference_losses``); no solver needs it.
 
     All-zero task vectors carry no direction (the paper's weight 1/||tau||^2 would
     be infinite); they add nothing, which is also their exact share of the sum.
+    Besides the results, one task vector in float64 and one ``[in, in]`` Gram
+    (``[out, out]`` stacked) are alive at a time.
     """
     initial = target = gram = weighted_sum = None
     rows = []
@@ -88,37 +94,35 @@ def interference_statistics(
     constant = 0.0
     norms = []
     for tau in task_vectors:
-        exact = tau.to(torch.float64)
         if initial is None:
             initial = torch.zeros_like(tau, dtype=dtype)
-            target = torch.zeros_like(exact)
+            target = torch.zeros_like(tau, dtype=torch.float64)
             if ridge_term:
-                weighted_sum = torch.zeros_like(exact)
+                weighted_sum = torch.zeros_like(target)
             if not stacked:
-                gram = exact.new_zeros((tau.shape[1], tau.shape[1]))
-        norm = torch.linalg.vector_norm(exact).item()
-        if norm == 0.0:
+                gram = target.new_zeros((tau.shape[1], tau.shape[1]))
+        norm_sq = squared_norm(tau)
+        if norm_sq == 0.0:
             continue
-        norms.append(norm)
+        norms.append(norm_sq**0.5)
         initial += tau.to(dtype)
-        tau = exact
-        unit = tau / norm
+        weight = 1.0 / norm_sq
+        weight_total += weight
+        tau = tau.to(torch.float64)
         if ridge_term:
-            weighted_sum.add_(unit, alpha=1.0 / norm)
-        weight_total += 1.0 / norm**2
-        # ||tau tau^T||^2 / ||tau||^2 = ||tau u^T||^2 = ||tau||^2 ||u^T u||^2.
+            weighted_sum.add_(tau, alpha=weight)
+        # ||tau tau^T||^2 = ||tau^T tau||^2: Eq. 21's constant from either Gram.
         if stacked:
-            rows.append(unit)
-            projection = tau @ unit.T
-            target += projection @ unit
-            if loss_constant:
-                constant += float(projection.square().sum())
+            rows.append(tau * weight**0.5)
+            own_gram = tau @ tau.T
+            target.addmm_(own_gram, tau, alpha=weight)
         else:
-            unit_gram = unit.T @ unit
-            gram += unit_gram
-            target += tau @ unit_gram
-            if loss_constant:
-                constant += norm**2 * float(unit_gram.square().sum())
+            own_gram = tau.T @ tau
+            gram.add_(own_gram, alpha=weight)
+            target.addmm_(tau, own_gram, alpha=weight)
+        if loss_constant:
+            constant += weight * float(own_gram.square().sum())
+        del own_gram
     if initial is None:
         raise ValueError("WUDI needs at least one task vector")
     return InterferenceStatistics(
@@ -134,9 +138,65 @@ def interference_statistics(
     )
 
 
+@dataclass(frozen=True)
+class TaskVectorScan:
+    """One read of the task vectors: their sum, weights, and the working dtype."""
+
+    initial: torch.Tensor  # sum_i tau_i in dtype
+    weights: List[float]  # 1 / ||tau_i||^2, 0.0 for an all-zero tau_i
+    dtype: torch.dtype
+
+    @property
+    def active(self) -> int:
+        return sum(1 for weight in self.weights if weight)
+
+
+def scan_task_vectors(task_vectors: Sequence[torch.Tensor]) -> TaskVectorScan:
+    """Sum, weights and working dtype (``solve_dtype``) in one read; a second read
+    only for extreme magnitudes, whose sum is then taken in float64."""
+    initial = None
+    weights = []
+    largest = 0.0
+    for tau in task_vectors:
+        if initial is None:
+            initial = torch.zeros_like(tau, dtype=torch.float32)
+        norm_sq = squared_norm(tau)
+        weights.append(1.0 / norm_sq if norm_sq else 0.0)
+        if norm_sq:
+            largest = max(largest, float(tau.abs().max()))
+            initial += tau.to(torch.float32)
+    if initial is None:
+        raise ValueError("WUDI needs at least one task vector")
+    dtype = _dtype_for_magnitude(largest)
+    if dtype != torch.float32:
+        initial = sum_task_vectors(task_vectors, dtype)
+    return TaskVectorScan(initial=initial, weights=weights, dtype=dtype)
+
+
+def sum_task_vectors(task_vectors: Iterable[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """sum_i tau_i in ``dtype``, in order: the sum the scan returns."""
+    total = None
+    for tau in task_vectors:
+        total = tau.to(dtype, copy=True) if total is None else total.add_(tau.to(dtype))
+    return total
+
+
+def squared_norm(tau: torch.Tensor) -> float:
+    """||tau||_F^2 in float64, a block of rows at a time (no float64 copy of tau)."""
+    return sum(
+        float(torch.square(tau[rows].to(torch.float64)).sum())
+        for rows in blocks(tau.shape[0], tau.shape[1])
+    )
+
+
 def solve_dtype(task_vectors: Iterable[torch.Tensor]) -> torch.dtype:
     """float32 unless the task vectors' scale would over/underflow Adam's state."""
-    largest = max(float(tau.abs().max()) if tau.numel() else 0.0 for tau in task_vectors)
+    return _dtype_for_magnitude(
+        max(float(tau.abs().max()) if tau.numel() else 0.0 for tau in task_vectors)
+    )
+
+
+def _dtype_for_magnitude(largest: float) -> torch.dtype:
     low, high = FLOAT32_SAFE_RANGE
     return torch.float32 if largest == 0.0 or low <= largest <= high else torch.float64
 
