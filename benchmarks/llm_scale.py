@@ -6,8 +6,10 @@
 
 For every distinct linear-weight shape of Llama-3-8B and Llama-3-70B, with N = 3
 structured task vectors (``tests.oracle.structured_task_vectors``), each solver
-(``adam``: 300 steps; ``closed_form``) is timed on one solve of that weight, its
-matrix-product FLOPs counted by dtype (``tests.measure.MatmulFlops``) and its
+(``adam``: 300 steps; ``closed_form``; ``spectral`` at its defaults, t = 300, no
+cut) is timed on one solve of that weight, its matrix-product FLOPs counted by
+dtype (``tests.measure.MatmulFlops``; an eigendecomposition counts LAPACK's
+9 n^3) and its
 peak extra memory measured (``tests.measure.LiveTensorBytes``: bytes of tensor
 storage made during the solve and alive at once, whatever the allocator does;
 ``torch.cuda.max_memory_allocated`` on CUDA). The working-memory multiple is
@@ -27,7 +29,8 @@ against the counted FLOPs of every run here, and of both precisions at 1/8
 size), their time from those FLOPs at this run's plain matmul rates (float32,
 float64) times the measured/ideal ratio of the 8B weight of the same role, and
 their memory from the solvers' estimates (``adam_working_bytes``,
-``closed_form_working_bytes``, checked against the measurements). On CPU every
+``closed_form_working_bytes``, ``spectral_working_bytes``, checked against the
+measurements). On CPU every
 70B row is projected (a 70B ``down_proj`` solve would need about 18 GB here and
 hours); on CUDA a row is run when its estimate fits in the free memory.
 
@@ -48,6 +51,7 @@ Results: ``benchmarks/results/llm_scale.txt`` (the full run's output; progress g
 """
 
 import argparse
+import functools
 import math
 import os
 import subprocess
@@ -88,7 +92,7 @@ MODELS = {
     ]),
 }
 QUICK_SCALE = 8  # --quick divides every dimension by this
-SOLVERS = ("adam", "closed_form")
+SOLVERS = ("adam", "closed_form", "spectral")
 SLOW_FLOAT64 = 64  # float32 / float64 matmul rate of consumer and inference GPUs
 
 
@@ -150,6 +154,8 @@ def flop_model(solver, shape, experts, iterations, float64_matmuls):
     m, n = shape
     if solver == "closed_form":
         return {torch.float64: experts * 4 * m * n * n + n**3 // 3 + 2 * n * n * m}
+    if solver == "spectral":
+        return {torch.float64: spectral_flops(m, n, experts)}
     if solvers.prefers_stacked_form(m, n, experts):
         setup = experts * 4 * m * m * n  # (a - tau_i) tau_i^T, then tau_i
         fold = step = 4 * experts * m * m * n  # (x S^T) S
@@ -163,6 +169,18 @@ def flop_model(solver, shape, experts, iterations, float64_matmuls):
     if float64_matmuls:
         return {torch.float32: iterations * step, torch.float64: accurate}
     return {torch.float32: iterations * step + 3 * accurate}  # three float32 per product
+
+
+def spectral_flops(m, n, experts):
+    """``wudi_spectral``'s float64 FLOPs at its defaults (every direction kept)."""
+    if not solvers.prefers_row_space(m, n, experts):
+        # C and D; eigh of C; the sum and D onto the eigenvectors, and back.
+        return experts * 4 * m * n * n + 9 * n**3 + 6 * m * n * n
+    s = experts * m  # the rows of the stacked task vectors
+    # Each expert's own [out, out] Gram and D; S S^T; its eigh; A U and B U;
+    # U^T S, and the coefficients through it.
+    return (experts * 4 * m * m * n + 2 * s * s * n + 9 * s**3 + experts * 4 * m * n * s
+            + 2 * s * s * n + 2 * m * s * n)
 
 
 def same_flops(counted, model) -> bool:
@@ -227,8 +245,9 @@ def solve_row(solver, shape, device, float64_matmuls, rates):
         row = adam_parts(task_vectors, device, float64_matmuls,
                          None if device.type == "cuda" else cpu_steps(shape, rates))
     else:
-        elapsed, flops, peak, _ = Measured(device)(
-            lambda: solvers.wudi_closed_form(task_vectors, omega=solvers.DEFAULT_OMEGA))
+        solve = (solvers.wudi_spectral if solver == "spectral" else functools.partial(
+            solvers.wudi_closed_form, omega=solvers.DEFAULT_OMEGA))
+        elapsed, flops, peak, _ = Measured(device)(lambda: solve(task_vectors))
         row = {"seconds": elapsed, "flops": flops, "peak": peak, "timed": "one solve"}
     model = flop_model(solver, shape, EXPERTS, ITERATIONS, float64_matmuls)
     row["model_ok"] = same_flops(row["flops"], model)
@@ -238,9 +257,15 @@ def solve_row(solver, shape, device, float64_matmuls, rates):
 
 def c_bytes(solver, shape) -> int:
     """C's storage: three float32 [in, in] (the stacked task vectors where Adam stacks
-    them) for Adam; C and its Cholesky factor in float64 for the closed form."""
+    them) for Adam; C and its Cholesky factor in float64 for the closed form; for
+    the spectral solve the float64 matrix it decomposes and its eigenvectors (C, or
+    S S^T in the row space, with S)."""
     m, n = shape
     if solver == "closed_form":
+        return 16 * n * n
+    if solver == "spectral":
+        if solvers.prefers_row_space(m, n, EXPERTS):
+            return 8 * (2 * (EXPERTS * m) ** 2 + EXPERTS * m * n)
         return 16 * n * n
     return EXPERTS * 4 * m * n if solvers.prefers_stacked_form(m, n, EXPERTS) else 12 * n * n
 
@@ -248,6 +273,8 @@ def c_bytes(solver, shape) -> int:
 def estimate_bytes(solver, shape):
     if solver == "adam":
         return solvers.adam_working_bytes(*shape, EXPERTS)
+    if solver == "spectral":
+        return solvers.spectral_working_bytes(*shape, EXPERTS)
     return solvers.closed_form_working_bytes(*shape, EXPERTS)
 
 
@@ -451,8 +478,8 @@ def main(argv=None):
             print(f"- {model_name} {role}: " + ", ".join(f"{p:.2f}" for p in row["parts"]))
 
     print("\n## Whole model: the linear weights of every layer\n")
-    header = ["model", "layers", "task arithmetic min"] + [f"wudi {s} min" for s in SOLVERS] + [
-        "adam / task arithmetic", "rows projected"]
+    header = (["model", "layers", "task arithmetic min"] + [f"wudi {s} min" for s in SOLVERS]
+              + [f"{s} / task arithmetic" for s in SOLVERS] + ["rows projected"])
     table = []
     for model_name, (layers, weights) in MODELS.items():
         arithmetic = sum(layers * count * rows[model_name, role, SOLVERS[0]]["arithmetic"]
@@ -464,8 +491,8 @@ def main(argv=None):
                         for role, _, _ in weights for solver in SOLVERS)
         table.append([model_name, str(layers), f"{arithmetic / 60:.1f}"]
                      + [f"{minutes[s]:,.0f}" for s in SOLVERS]
-                     + [f"{minutes['adam'] * 60 / arithmetic:,.0f}x",
-                        f"{projected} of {len(weights) * len(SOLVERS)}"])
+                     + [f"{minutes[s] * 60 / arithmetic:,.0f}x" for s in SOLVERS]
+                     + [f"{projected} of {len(weights) * len(SOLVERS)}"])
     print_table(header, table)
 
     print("\n## Adam's FLOPs per weight by precision (flop_model, 300 steps)\n")

@@ -580,10 +580,7 @@ def main(argv=None) -> None:
     else:
         issue_3_tables(args, vit_steps, long_steps, llama_steps)
         spectral_table(args, vit_steps, llama_steps)
-    used = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
-    print(f"\nTotal {time.perf_counter() - started:.0f} s wall, "
-          f"{sum(u.ru_utime + u.ru_stime for u in used):.0f} s CPU (memory probes included), "
-          f"load average at end {os.getloadavg()[0]:.2f}.")
+    print_total(started, " (memory probes included)")
 
 
 def parse_shape(text: str):
@@ -598,9 +595,12 @@ def spectral_table(args, vit_steps, llama_steps):
             continue
         steps = args.adam_steps or (vit_steps if shape in VIT_SHAPES else llama_steps)
         for experts in SOLVE_EXPERTS:
-            rows.append(whole_solves(shape, experts, steps, args.device,
-                                     args.repeats if shape in VIT_SHAPES else 1,
-                                     args.gram_path_budget))
+            row = whole_solves(shape, experts, steps, args.device,
+                               args.repeats if shape in VIT_SHAPES else 1, args.gram_path_budget)
+            rows.append(row)
+            print(f"  {weight(shape)} N={experts}: spectral {row['spectral']:.1f} s, Adam"
+                  f" {row['adam']:.1f} s, closed form {row['closed_form']:.1f} s",
+                  file=sys.stderr, flush=True)
     projected = any(row["adam_steps"] + 1 < ADAM_STEPS for row in rows)
     print("\n## Spectral vs Adam vs closed form: whole solve per weight\n")
     if projected:
@@ -638,7 +638,6 @@ def issue_3_tables(args, vit_steps, long_steps, llama_steps):
         print_tf32_table(vit_rows + [long_row] + llama_rows)
     print("\n## Targets\n")
     print_targets(vit_rows + [long_row] + llama_rows, throughput_rows, memory_ratio)
-    print_total(started, " (memory probes included)")
 
 
 def print_total(started: float, note: str = "") -> None:
