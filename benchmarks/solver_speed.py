@@ -1,7 +1,7 @@
 """Speed and memory of the WUDI solvers: ours against the authors' formulation (project
 issue 3), and the spectral solver against Adam and the closed form (issue 11).
 
-    python benchmarks/solver_speed.py                  # CPU: about 13 min + the spectral table
+    python benchmarks/solver_speed.py                  # CPU: about 61 min (spectral table: 50)
     python benchmarks/solver_speed.py --spectral-only  # the spectral table alone
     python benchmarks/solver_speed.py --threads 1 --cpu-time   # a CPU shared with other jobs
     python benchmarks/solver_speed.py --device cuda    # GPU: the paper's 300 steps

@@ -44,7 +44,7 @@ MIN_EIGENVALUE = 1e-8
 # eigenvectors: the one place to choose it. float64 agrees with the float64
 # references (matrix exponential, D C^-1) to about 1e-12 relative on the update
 # tau_m - sum_i tau_i. float32 was measured (benchmarks/solver_speed.py, ViT
-# shapes) 5e-5 to 2e-4 off at t = 300, and up to 2 (wrong) at t = inf with no cut,
+# shapes) 5e-5 to 2.3e-4 off at t = 300, and up to 2 (wrong) at t = inf with no cut,
 # where f / lam divides its rounding by eigenvalues down to 1e-8.
 EIGEN_DTYPE = torch.float64
 
