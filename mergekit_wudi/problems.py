@@ -80,11 +80,13 @@ class TaskVectors(Sequence[torch.Tensor]):
         """The ``[out, in]`` shape the solvers see."""
         return self.base.T.shape if self.transpose else self.base.shape
 
-    def on(self, device: torch.device) -> "TaskVectors":
-        """The same task vectors, made on ``device``."""
+    def converted(
+        self, *, dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None
+    ) -> "TaskVectors":
+        """The same task vectors, made in ``dtype`` on ``device`` (by default as these are)."""
         return TaskVectors(
             self.base, self.experts, self.weights, self.ids, transpose=self.transpose,
-            name=self.name, dtype=self.dtype, device=device,
+            name=self.name, dtype=dtype or self.dtype, device=device or self.device,
         )
 
     def exact_result(self, lam: float) -> Optional[torch.Tensor]:
@@ -157,7 +159,7 @@ def solve(task_vectors: TaskVectors, parameters: Mapping[str, Any], name: Option
     needed = working_bytes(solver, task_vectors.shape, len(task_vectors), task_vectors.dtype)
     device = solve_device(name, task_vectors.device, needed, free_memory(task_vectors.device))
     if device != task_vectors.device:
-        task_vectors = task_vectors.on(device)
+        task_vectors = task_vectors.converted(device=device)
     if solver == Solver.SPECTRAL:
         return solvers.wudi_spectral(
             task_vectors,

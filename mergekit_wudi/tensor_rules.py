@@ -117,11 +117,6 @@ def _name_fallback(
     return None
 
 
-def is_linear_weight(name: Optional[str], vocabulary_axis: Optional[int]) -> bool:
-    """The default rule for a 2-D tensor; an unnamed 2-D tensor counts as linear."""
-    return _name_fallback(name, vocabulary_axis, stacked=False) is None
-
-
 def is_expert_stack(name: Optional[str]) -> bool:
     """A 3-D tensor of this name holds one linear weight per MoE expert, on axis 0."""
     return bool(name and _EXPERT_STACK.search(name))
@@ -154,8 +149,8 @@ def tensor_fate(
 ) -> TensorFate:
     """What the merge does with the tensor ``name`` of this shape.
 
-    ``auto``: 2-D linear weights (``is_linear_weight``) and 3-D expert stacks
-    (``is_expert_stack``) are solved; ``always``: every 2-D tensor, and every 3-D
+    ``auto``: 2-D linear weights (no name fallback; an unnamed 2-D tensor counts as
+    one) and 3-D expert stacks (``is_expert_stack``) are solved; ``always``: every 2-D tensor, and every 3-D
     tensor as a stack of matrices along axis 0; ``never``: none. Tensors of any
     other rank always fall back: the loss is defined on matrices. ``layout``
     other than ``auto`` sets the stored orientation of every solved matrix;

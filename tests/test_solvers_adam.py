@@ -81,8 +81,8 @@ def test_loss_decreases_from_the_sum():
 
 def test_extreme_magnitudes_are_solved_in_float64():
     taus = structured_task_vectors(2, 8, 6, scale=1e30)
-    assert solvers.solve_dtype(taus) == torch.float64
-    assert solvers.solve_dtype(structured_task_vectors(2, 8, 6)) == torch.float32
+    assert solvers.scan_task_vectors(taus).dtype == torch.float64
+    assert solvers.scan_task_vectors(structured_task_vectors(2, 8, 6)).dtype == torch.float32
     merged = solvers.wudi_adam(taus)
     assert merged.dtype == torch.float64 and torch.isfinite(merged).all()
 

@@ -11,7 +11,6 @@ from mergekit_wudi.tensor_rules import (
     Fallback,
     Layout,
     TensorFate,
-    is_linear_weight,
     looks_like_linear_layer,
     tensor_fate,
 )
@@ -51,7 +50,7 @@ NOT_LINEAR = [
 
 @pytest.mark.parametrize("name", LINEAR)
 def test_linear_weights_get_wudi(name):
-    assert is_linear_weight(name, vocabulary_axis=None)
+    assert tensor_fate(name, (8, 4), None).solved
     assert wudi_layout(name, (8, 4), None) == Layout.OUT_IN
 
 

@@ -82,8 +82,7 @@ def tensor_plan(group: TensorGroup, parameters: Mapping[str, Any], experts: Sequ
     problems = [
         WudiProblem(
             problem,
-            TaskVectors(problem.base, problem.experts, problem.weights, problem.ids,
-                        transpose=problem.transpose, name=problem.name, dtype=torch.float64),
+            problem.converted(dtype=torch.float64),
             [list(experts).index(model) for model in problem.ids],
         )
         # An expert slice no model changed adds nothing to any figure.

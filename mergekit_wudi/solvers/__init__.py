@@ -53,7 +53,6 @@ from mergekit_wudi.solvers.statistics import (
     interference_statistics,
     prefers_stacked_form,
     scan_task_vectors,
-    solve_dtype,
 )
 
 __all__ = [
@@ -82,7 +81,6 @@ __all__ = [
     "prefers_stacked_form",
     "residual_through_own_gram",
     "scan_task_vectors",
-    "solve_dtype",
     "spectral_solve",
     "spectral_working_bytes",
     "wudi_adam",

@@ -41,10 +41,10 @@ class InterferenceStatistics:
     C, D and the weighted sum are float64: in float32 their rounding is a fixed
     bias that shifts the minimum, most along directions the task vectors barely
     span (low-rank LoRA updates). ``initial`` is summed in ``dtype``, the working
-    precision of the Adam steps, as the authors' loop sums it.
+    precision of the solver that reads it.
     """
 
-    initial: torch.Tensor  # sum_i tau_i: Adam's starting point, in dtype
+    initial: torch.Tensor  # sum_i tau_i in dtype: where the flow starts
     target: torch.Tensor  # D
     gram: Optional[torch.Tensor]
     rows: Optional[torch.Tensor]
@@ -152,7 +152,7 @@ class TaskVectorScan:
 
 
 def scan_task_vectors(task_vectors: Sequence[torch.Tensor]) -> TaskVectorScan:
-    """Sum, weights and working dtype (``solve_dtype``) in one read; a second read
+    """Sum, weights and working dtype (``FLOAT32_SAFE_RANGE``) in one read; a second read
     only for extreme magnitudes, whose sum is then taken in float64."""
     initial = None
     weights = []
@@ -186,13 +186,6 @@ def squared_norm(tau: torch.Tensor) -> float:
     return sum(
         float(torch.square(tau[rows].to(torch.float64)).sum())
         for rows in blocks(tau.shape[0], tau.shape[1])
-    )
-
-
-def solve_dtype(task_vectors: Iterable[torch.Tensor]) -> torch.dtype:
-    """float32 unless the task vectors' scale would over/underflow Adam's state."""
-    return _dtype_for_magnitude(
-        max(float(tau.abs().max()) if tau.numel() else 0.0 for tau in task_vectors)
     )
 
 
