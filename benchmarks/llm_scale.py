@@ -66,7 +66,12 @@ sys.path.insert(0, str(REPO_ROOT))
 import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from benchmarks.solver_speed import print_table, print_total, synchronize  # noqa: E402
+from benchmarks.solver_speed import (  # noqa: E402
+    prepare_descent,
+    print_table,
+    print_total,
+    synchronize,
+)
 from mergekit_wudi import solvers  # noqa: E402
 from tests.measure import LiveTensorBytes, MatmulFlops  # noqa: E402
 from tests.oracle import structured_task_vectors  # noqa: E402
@@ -195,11 +200,8 @@ def adam_parts(task_vectors, device, float64_matmuls, steps):
         elapsed, flops, peak, _ = measure(lambda: solvers.wudi_adam(
             task_vectors, iterations=ITERATIONS, float64_matmuls=float64_matmuls))
         return {"seconds": elapsed, "flops": flops, "peak": peak, "timed": "300 steps"}
-    def prepare():  # what wudi_adam does before its Adam loop
-        scan = solvers.scan_task_vectors(task_vectors)
-        return (scan.initial, *solvers.gram_and_residual(task_vectors, scan, float64_matmuls))
-
-    setup_time, setup_flops, setup_peak, (anchor, gram, residual) = measure(prepare)
+    setup_time, setup_flops, setup_peak, (anchor, gram, residual) = measure(
+        lambda: prepare_descent(task_vectors, float64_matmuls))
 
     def descend(iterations, consume=False):
         merged, rest = (anchor, residual) if consume else (anchor.clone(), residual.clone())
