@@ -223,7 +223,7 @@ def test_a_solve_that_fits_stays_and_one_that_does_not_moves_to_the_cpu(caplog):
     assert "'x.weight' needs about 3.00 GiB to solve and cuda:1 has 1.00 GiB free" in caplog.text
 
 
-@pytest.mark.parametrize("solver", ["adam", "closed_form"])
+@pytest.mark.parametrize("solver", ["adam", "closed_form", "spectral"])
 def test_merge_asks_for_the_solve_s_memory_and_falls_back_with_a_warning(solver, monkeypatch, caplog):
     # A 70B down_proj on a 24 GB GPU, scaled down: the free memory reported is
     # smaller than the solve needs, so the tensor is solved on the CPU (here the
@@ -238,5 +238,6 @@ def test_merge_asks_for_the_solve_s_memory_and_falls_back_with_a_warning(solver,
     assert f"tensor {LINEAR!r} needs about" in caplog.text and "solving it on the CPU" in caplog.text
     assert torch.equal(merged, expected)
     needed = problems.working_bytes(problems.Solver(solver), (24, 40), 3, torch.float32)
-    assert needed > (solvers.adam_working_bytes(24, 40, 3) if solver == "adam"
-                     else solvers.closed_form_working_bytes(24, 40, 3))
+    estimate = {"adam": solvers.adam_working_bytes, "closed_form": solvers.closed_form_working_bytes,
+                "spectral": solvers.spectral_working_bytes}[solver]
+    assert needed > estimate(24, 40, 3)
