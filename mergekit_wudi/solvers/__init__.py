@@ -11,7 +11,9 @@ and returns the merged task vector ``tau_m``; all read the same statistics
   optional rank cut (SWUDI) or an automatic one (ASWUDI).
 
 ``products`` holds the matrix products accurate beyond float32 that the Adam
-solver's residual needs, with float64 matmuls or without them.
+solver's residual needs, with float64 matmuls or without them;
+``matmul_precision`` keeps the Adam solve's float32 matmuls in full float32
+(no TF32) whatever the caller set, through either of PyTorch's APIs.
 """
 
 from mergekit_wudi.solvers.adam import (

@@ -15,7 +15,7 @@ any product), and every ``RESIDUAL_REFRESH_STEPS`` steps the offset is folded in
 the anchor and ``R`` moved by ``offset C``. Those few products are accurate far
 below float32 rounding (``products.exact_matmul``: float64 matmuls, or float32
 matmuls on error-free splits where float64 is slow); the 300 steps are plain
-float32. Neither D nor a float64 copy of anything ``[out, in]`` is kept: the
+float32 (full float32: ``matmul_precision``). Neither D nor a float64 copy of anything ``[out, in]`` is kept: the
 working memory is the four Adam tensors (offset, gradient, two moments), the
 anchor and R, six float32 copies, beside C (three float32 ``[in, in]``: as much
 as one float64 and one float32 copy of it).
@@ -28,6 +28,7 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 import torch
 from torch.optim.adam import adam as torch_adam_functional
 
+from mergekit_wudi.solvers.matmul_precision import full_float32_matmuls
 from mergekit_wudi.solvers.products import (
     AccurateMatrix,
     block_length,
@@ -179,6 +180,7 @@ def residual_through_own_gram(out_features: int, in_features: int, float64_matmu
     return AccurateMatrix.bytes_per_entry(float64_matmuls) * in_features <= 8 * out_features
 
 
+@full_float32_matmuls()
 def gram_and_residual(
     task_vectors: Iterable[torch.Tensor], scan: TaskVectorScan, float64_matmuls: bool
 ):
@@ -240,6 +242,7 @@ def gram_and_residual(
     return gram, residual.high
 
 
+@full_float32_matmuls()
 def adam_descent(
     gram: Gram,
     residual: torch.Tensor,
@@ -259,6 +262,9 @@ def adam_descent(
     the rounding left out stays in the offset. The loss changes by
     ``<a_new - a_old, R_old + R_new>`` at each fold (exactly, the loss being
     quadratic), so its total is known without D.
+
+    Its float32 matmuls run in full float32 whatever the caller set (TF32 would
+    round each step's product to 10 bits: ``matmul_precision``).
     """
     offset = torch.zeros_like(anchor)
     gradient: Optional[torch.Tensor] = None

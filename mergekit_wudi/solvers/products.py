@@ -22,11 +22,12 @@ needs only float32 accuracy. Three float32 matmuls in all; the error is about
 (C) is split once and kept so (``AccurateMatrix``).
 """
 
-import contextlib
 import math
 from typing import Iterator, Optional
 
 import torch
+
+from mergekit_wudi.solvers.matmul_precision import full_float32_matmuls
 
 FLOAT32_MANTISSA_BITS = 24
 
@@ -82,18 +83,6 @@ def slices(length: int, size: int) -> Iterator[slice]:
     """Consecutive slices of at most ``size`` covering ``range(length)``."""
     for start in range(0, length, max(size, 1)):
         yield slice(start, min(start + size, length))
-
-
-@contextlib.contextmanager
-def _full_float32_matmuls():
-    """Float32 matmuls in full float32 for the split products: TF32 (``high``) or
-    bfloat16 (``medium``) would round the rest terms to 10 or 7 bits."""
-    setting = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(setting)
 
 
 def exact_matmul(a: torch.Tensor, b: torch.Tensor, *, float64_matmuls: bool) -> torch.Tensor:
@@ -237,8 +226,9 @@ def _split_product(left, high, lead, rest) -> torch.Tensor:
     a_lead, a_rest = left
     product = torch.zeros(a_lead.shape[0], high.shape[1], dtype=torch.float64, device=high.device)
     # The smaller terms too are summed a chunk at a time: float32's error on a
-    # sum of n terms grows with n (up to n itself, in a narrow product).
-    with _full_float32_matmuls():
+    # sum of n terms grows with n (up to n itself, in a narrow product). TF32 or
+    # bfloat16 matmuls would round the rest terms to 10 or 7 bits.
+    with full_float32_matmuls():
         for chunk in slices(a_lead.shape[1], EXACT_CHUNK):
             product += a_lead[:, chunk] @ lead[chunk]  # exact in float32
             product += (a_lead[:, chunk] @ rest[chunk]).addmm_(a_rest[:, chunk], high[chunk])
