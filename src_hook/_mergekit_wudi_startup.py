@@ -2,7 +2,8 @@
 
 It imports nothing heavy at interpreter start: it only asks to be told when
 mergekit's method registry or parameter resolver has been imported, and then lets
-``mergekit_wudi.registration.register`` make ``merge_method: wudi`` known.
+``mergekit_wudi.registration.register`` make ``merge_method: wudi`` known. If
+that fails (a broken install), mergekit still works for every other method.
 """
 
 import importlib.machinery
@@ -12,17 +13,33 @@ _WATCHED = ("mergekit.merge_methods.registry", "mergekit.parameter_resolver")
 
 
 def _register_wudi():
-    registration = sys.modules.get("mergekit_wudi.registration")
-    if registration is not None and hasattr(registration, "register"):
-        registration.register()
-    elif "mergekit_wudi" not in sys.modules:
-        try:
-            import mergekit_wudi  # noqa: F401  (registers on import)
-        except ModuleNotFoundError as error:
-            if error.name != "mergekit_wudi":
-                raise
-            # The package was removed but this file was left behind: stay silent.
-    # Otherwise mergekit_wudi is mid-import and registers itself when it finishes.
+    """Register wudi; any failure is one warning on stderr, never mergekit's: a
+    plugin must not break its host, whose other methods keep working."""
+    global _warned
+    try:
+        registration = sys.modules.get("mergekit_wudi.registration")
+        if registration is not None and hasattr(registration, "register"):
+            registration.register()
+        elif "mergekit_wudi" not in sys.modules:
+            try:
+                import mergekit_wudi  # noqa: F401  (registers on import)
+            except ModuleNotFoundError as error:
+                if error.name != "mergekit_wudi":
+                    raise
+                # The package was removed but this file was left behind: stay silent.
+        # Otherwise mergekit_wudi is mid-import and registers itself when it finishes.
+    except Exception as error:  # noqa: BLE001  (whatever it is, mergekit must go on)
+        if not _warned:
+            _warned = True
+            sys.stderr.write(
+                f"WARNING: mergekit-wudi: merge_method 'wudi' is unavailable"
+                f" ({type(error).__name__}: {error}); mergekit's other merge methods work."
+                " Reinstall mergekit-wudi to fix it"
+                " (pip install --force-reinstall mergekit-wudi).\n"
+            )
+
+
+_warned = False
 
 
 class _AfterMergekitImport:

@@ -42,6 +42,45 @@ def test_startup_hook_registers_without_importing_torch_at_start():
     assert result.stdout.strip() == "WUDI-Merging"
 
 
+BROKEN_PACKAGES = {
+    "missing dependency": ("ModuleNotFoundError: No module named 'not_a_dependency'",
+                           {"__init__.py": "import not_a_dependency\n"}),
+    "syntax error": ("SyntaxError", {"__init__.py": "def (\n"}),
+    "registration fails": ("RuntimeError: another merge method", {
+        "__init__.py": "from mergekit_wudi.registration import register\nregister()\n",
+        "registration.py": "def register():\n"
+                           "    raise RuntimeError('another merge method is already registered')\n",
+    }),
+}
+
+
+@pytest.mark.parametrize("broken", BROKEN_PACKAGES)
+def test_a_broken_install_is_one_warning_and_mergekit_works_for_other_methods(broken, tmp_path):
+    # This tree's hook (not the venv's copy, so no site), a package that fails
+    # to import first on the path, then mergekit's own command line.
+    error, files = BROKEN_PACKAGES[broken]
+    (tmp_path / "mergekit_wudi").mkdir()
+    for name, text in files.items():
+        (tmp_path / "mergekit_wudi" / name).write_text(text)
+    paths = [str(tmp_path), str(REPO / "src_hook"), *site.getsitepackages()]
+    result = subprocess.run(
+        [sys.executable, "-S", "-c",
+         f"import sys; sys.path[:0] = {paths!r}\n"
+         "import _mergekit_wudi_startup\n"
+         "from mergekit import merge_methods\n"
+         "print(merge_methods.get('linear').spec.name)\n"
+         "from mergekit.scripts.run_yaml import main\n"
+         "main(['--help'])\n"],
+        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("linear\n") and "Usage:" in result.stdout
+    warnings = [line for line in result.stderr.splitlines() if "mergekit-wudi" in line]
+    assert len(warnings) == 1, result.stderr
+    assert f"merge_method 'wudi' is unavailable ({error}" in warnings[0]
+    assert "Reinstall mergekit-wudi" in warnings[0]
+
+
 @pytest.mark.slow
 def test_fresh_venv_wheel_install_runs_mergekit_yaml(families, tmp_path):
     """Build the wheel, install it (not editable) with mergekit into a new venv, and
