@@ -21,7 +21,15 @@ from mergekit.merge_methods.base import (
 )
 from mergekit_wudi import account, solvers
 from mergekit_wudi.parameters import PARAMETERS
-from mergekit_wudi.problems import TaskVectors, solve, stack_matrices, wudi_problems
+from mergekit_wudi.problems import (
+    TaskVectors,
+    losses_bytes,
+    placed,
+    solve,
+    solve_bytes,
+    stack_matrices,
+    wudi_problems,
+)
 from mergekit_wudi.tensor_rules import TensorFate, tensor_fate
 
 METHOD_NAME = "wudi"
@@ -70,6 +78,10 @@ def wudi_kernel(group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
                 # Nothing to solve: Eq. 21 is 0 at the sum and at the result.
                 matrices.append(exact)
                 continue
+            # The losses too are computed where the solve ran, from the same task vectors.
+            problem = placed(problem, problem.name, lambda vectors: max(
+                solve_bytes(vectors, parameters), losses_bytes(vectors) if accounting else 0
+            ))
             merged = solve(problem, parameters, problem.name)
             if accounting:
                 for index, loss in enumerate(solvers.interference_losses(problem, merged)):

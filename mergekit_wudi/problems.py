@@ -4,15 +4,16 @@ A tensor the rule solves (``tensor_rules.tensor_fate``) is a matrix, or a stack 
 matrices (one per MoE expert). Each matrix, across the merged models, is one WUDI
 problem: the models' task vectors ``weight_i * (W_i - W_base)`` in the ``[out, in]``
 view the solvers take (``wudi_problems``). ``solve`` runs the configured solver
-on one problem; ``TaskVectors.merged_weight`` maps its answer back to the stored
-matrix, and ``stack_matrices`` reassembles the tensor.
+on one problem (where ``placed`` put it); ``TaskVectors.merged_weight`` maps its
+answer back to the stored matrix, and ``stack_matrices`` reassembles the tensor.
 
 The kernel (``method``) is a loop over these; a tool that must agree with the
-merge (the report) uses the same functions.
+merge (the report) uses the same functions. ``placed`` moves a problem to the
+CPU where its solve would not fit on its accelerator.
 """
 
 import logging
-from typing import Any, Hashable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Hashable, Iterator, Mapping, Optional, Sequence
 
 import torch
 
@@ -30,7 +31,9 @@ class TaskVectors(Sequence[torch.Tensor]):
     nothing, exactly as if absent: they are left out (``ids`` lists the models
     kept, ``weights`` their weights). Each task vector is made when read, in
     ``dtype`` (by default float32, float64 for float64 storage) and transposed to
-    ``[out, in]`` if ``transpose``, on ``device`` (by default the tensors' own), so peak memory does not grow with the number of models.
+    ``[out, in]`` if ``transpose``, on ``device`` (by default the tensors' own), so
+    peak memory does not grow with the number of models, and nothing is held
+    between reads.
     ``name`` labels messages: the tensor's name, ``name[e]`` for expert slice e.
     """
 
@@ -60,20 +63,17 @@ class TaskVectors(Sequence[torch.Tensor]):
         if dtype is None:
             dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
         self.dtype = dtype
-        self._working_base = base.to(device=device, dtype=self.dtype)
+        self.device = torch.device(device) if device is not None else base.device
 
     def __len__(self) -> int:
         return len(self.experts)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        expert = self.experts[index].to(device=self.device, dtype=self.dtype)
-        tau = (expert - self._working_base).mul_(self.weights[index])
+        # The base's working copy too is made per read, not kept: between reads
+        # (and once moved to another device) these hold no memory of their own.
+        working = {"device": self.device, "dtype": self.dtype}
+        tau = (self.experts[index].to(**working) - self.base.to(**working)).mul_(self.weights[index])
         return tau.T if self.transpose else tau
-
-    @property
-    def device(self) -> torch.device:
-        """Where the task vectors are made (by default the stored tensors' device)."""
-        return self._working_base.device
 
     @property
     def shape(self) -> torch.Size:
@@ -152,14 +152,9 @@ def stack_matrices(fate: TensorFate, matrices: Sequence[torch.Tensor]) -> torch.
 
 def solve(task_vectors: TaskVectors, parameters: Mapping[str, Any], name: Optional[str] = None) -> torch.Tensor:
     """The merged task vector ``tau_m`` (``[out, in]``) of one problem, by the
-    configured solver; ``parameters`` as the kernel receives them. A solve that
-    would not fit in the memory left on its accelerator runs on the CPU
-    (``solve_device``)."""
+    configured solver, on the task vectors' device; ``parameters`` as the kernel
+    receives them. ``placed`` first chooses that device."""
     solver = parameters["solver"]
-    needed = working_bytes(solver, task_vectors.shape, len(task_vectors), task_vectors.dtype)
-    device = solve_device(name, task_vectors.device, needed, free_memory(task_vectors.device))
-    if device != task_vectors.device:
-        task_vectors = task_vectors.converted(device=device)
     if solver == Solver.SPECTRAL:
         return solvers.wudi_spectral(
             task_vectors,
@@ -178,19 +173,55 @@ def solve(task_vectors: TaskVectors, parameters: Mapping[str, Any], name: Option
     )
 
 
-# Device fit: a solve that would not fit in the memory left on its accelerator
-# runs on the CPU instead (with a warning), rather than stopping the merge.
-def working_bytes(solver: Solver, shape: Sequence[int], experts: int, dtype: torch.dtype) -> int:
-    """Peak bytes of one solve of an ``[out, in]`` weight, beyond mergekit's inputs."""
-    out_features, in_features = shape
+# Device fit: a problem whose solve (and whatever else is computed from it, such
+# as the -v losses) would not fit in the memory left on its accelerator is solved
+# on the CPU instead (with a warning), rather than stopping the merge. Everything
+# computed from the solve then reads the moved task vectors, on one device.
+FALLBACK_DEVICE = torch.device("cpu")
+
+
+def placed(
+    task_vectors: TaskVectors, name: Optional[str], needed: Callable[[TaskVectors], int]
+) -> TaskVectors:
+    """``task_vectors`` where ``needed(task_vectors)`` bytes fit (``solve_device``):
+    themselves, or made on the CPU. ``needed`` is asked only where there is a limit."""
+    free = free_memory(task_vectors.device)
+    if free is None:
+        return task_vectors
+    device = solve_device(name, task_vectors.device, needed(task_vectors), free)
+    return task_vectors if device == task_vectors.device else task_vectors.converted(device=device)
+
+
+def solve_bytes(task_vectors: TaskVectors, parameters: Mapping[str, Any]) -> int:
+    """Peak bytes of ``solve``, beyond mergekit's inputs. For Adam, in the working
+    dtype its scan will choose (a read of the task vectors' magnitudes)."""
+    out_features, in_features = shape = task_vectors.shape
+    experts = len(task_vectors)
+    solver = parameters["solver"]
     if solver == Solver.CLOSED_FORM:
         needed = solvers.closed_form_working_bytes(out_features, in_features, experts)
     elif solver == Solver.SPECTRAL:
         needed = solvers.spectral_working_bytes(out_features, in_features, experts)
     else:
+        dtype = solvers.working_dtype(task_vectors)
         needed = solvers.adam_working_bytes(out_features, in_features, experts, dtype)
-    # TaskVectors' copy of the base in dtype, and one task vector made on demand.
-    return needed + 2 * out_features * in_features * (torch.finfo(dtype).bits // 8)
+    return needed + reading_bytes(task_vectors)
+
+
+def losses_bytes(task_vectors: TaskVectors) -> int:
+    """Peak bytes of ``solvers.interference_losses`` on a solve's result (float64
+    statistics, the result alive beside them), beyond mergekit's inputs."""
+    out_features, in_features = task_vectors.shape
+    statistics = solvers.interference_losses_working_bytes(
+        out_features, in_features, len(task_vectors)
+    )
+    return statistics + 8 * out_features * in_features + reading_bytes(task_vectors)
+
+
+def reading_bytes(task_vectors: TaskVectors) -> int:
+    """A read of one task vector: the base's and the expert's working copies, and the result."""
+    out_features, in_features = task_vectors.shape
+    return 3 * out_features * in_features * (torch.finfo(task_vectors.dtype).bits // 8)
 
 
 def free_memory(device: torch.device) -> Optional[int]:
@@ -205,11 +236,11 @@ def free_memory(device: torch.device) -> Optional[int]:
 def solve_device(
     name: Optional[str], device: torch.device, needed: int, free: Optional[int]
 ) -> torch.device:
-    """``device`` if a solve needing ``needed`` bytes fits in ``free``, else the CPU."""
+    """``device`` if a solve needing ``needed`` bytes fits in ``free``, else ``FALLBACK_DEVICE``."""
     if free is None or needed <= free:
         return device
     LOG.warning(
         "wudi: tensor %r needs about %.2f GiB to solve and %s has %.2f GiB free;"
         " solving it on the CPU", name, needed / 2**30, device, free / 2**30,
     )
-    return torch.device("cpu")
+    return FALLBACK_DEVICE

@@ -237,7 +237,66 @@ def test_merge_asks_for_the_solve_s_memory_and_falls_back_with_a_warning(solver,
     assert asked == [base.device]
     assert f"tensor {LINEAR!r} needs about" in caplog.text and "solving it on the CPU" in caplog.text
     assert torch.equal(merged, expected)
-    needed = problems.working_bytes(problems.Solver(solver), (24, 40), 3, torch.float32)
+    needed = problems.solve_bytes(problems.TaskVectors(base, experts, [1.0] * 3),
+                                  {"solver": problems.Solver(solver)})
     estimate = {"adam": solvers.adam_working_bytes, "closed_form": solvers.closed_form_working_bytes,
                 "spectral": solvers.spectral_working_bytes}[solver]
     assert needed > estimate(24, 40, 3)
+
+
+# A device distinct from the tensors' own (torch.device("cpu") != "cpu:0") on
+# which tensors are still made on the CPU: the fit check really moves the problem
+# (a new TaskVectors, labelled cpu:0), and the test sees on which device each
+# step reads it, as a CUDA run would.
+ANOTHER_DEVICE = torch.device("cpu", 0)
+
+
+def watch_devices(monkeypatch, solver):
+    """Record the device of the task vectors each solve and each -v loss reads."""
+    seen = {"solve": [], "losses": []}
+    for key, name in (("solve", f"wudi_{solver}"), ("losses", "interference_losses")):
+        original = getattr(solvers, name)
+
+        def spy(task_vectors, *args, _original=original, _key=key, **kwargs):
+            seen[_key].append(task_vectors.device)
+            return _original(task_vectors, *args, **kwargs)
+
+        monkeypatch.setattr(solvers, name, spy)
+    return seen
+
+
+@pytest.mark.parametrize("solver", ["adam", "closed_form", "spectral"])
+def test_with_v_a_moved_solve_s_losses_read_the_moved_task_vectors(solver, monkeypatch, caplog):
+    base, experts = make_models(3, shape=(24, 40))
+    with caplog.at_level(logging.INFO, logger="mergekit_wudi"):
+        expected = wudi(base, experts, solver=solver)
+    expected_line = caplog.records[-1].getMessage().rsplit(";", 1)[0]  # less the time
+    caplog.clear()
+    seen = watch_devices(monkeypatch, solver)
+    monkeypatch.setattr(problems, "FALLBACK_DEVICE", ANOTHER_DEVICE)
+    monkeypatch.setattr(problems, "free_memory", lambda device: None if device == ANOTHER_DEVICE else 1024)
+    with caplog.at_level(logging.INFO, logger="mergekit_wudi"):
+        merged = wudi(base, experts, solver=solver)
+    assert seen == {"solve": [ANOTHER_DEVICE], "losses": [ANOTHER_DEVICE]}
+    assert torch.equal(merged, expected)
+    assert caplog.records[-1].getMessage().rsplit(";", 1)[0] == expected_line
+
+
+def test_the_v_losses_memory_is_inside_the_fit_check(monkeypatch, caplog):
+    # Free memory between what the solve needs and what the solve and the -v
+    # losses need: the solve stays without -v and moves with it.
+    base, experts = make_models(3, shape=(24, 40))
+    problem = problems.TaskVectors(base, experts, [1.0] * 3)
+    solve_alone = problems.solve_bytes(problem, {"solver": problems.Solver.ADAM})
+    with_losses = problems.losses_bytes(problem)
+    assert solve_alone < with_losses
+    seen = watch_devices(monkeypatch, "adam")
+    monkeypatch.setattr(problems, "FALLBACK_DEVICE", ANOTHER_DEVICE)
+    free = (solve_alone + with_losses) // 2
+    monkeypatch.setattr(problems, "free_memory", lambda device: None if device == ANOTHER_DEVICE else free)
+    wudi(base, experts)
+    assert seen["solve"] == [base.device]
+    with caplog.at_level(logging.INFO, logger="mergekit_wudi"):
+        wudi(base, experts)
+    assert seen["solve"] == [base.device, ANOTHER_DEVICE]
+    assert seen["losses"] == [ANOTHER_DEVICE]

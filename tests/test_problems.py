@@ -7,8 +7,9 @@ from mergekit.merge_methods.api import merge_tensors
 
 from mergekit_wudi import solvers
 from mergekit_wudi.parameters import Precision, Solver
-from mergekit_wudi.problems import TaskVectors, solve, stack_matrices, wudi_problems
+from mergekit_wudi.problems import TaskVectors, solve, solve_bytes, stack_matrices, wudi_problems
 from mergekit_wudi.tensor_rules import Fallback, Layout, TensorFate
+from tests.measure import LiveTensorBytes
 from tests.oracle import authors_wudi, relative_error, structured_task_vectors
 
 MIXTRAL = "model.layers.0.mlp.experts.gate_up_proj"  # slices [out, in]
@@ -127,3 +128,32 @@ def test_solve_dispatches_to_the_configured_solver():
     parameters["solver"] = Solver.SPECTRAL
     assert torch.equal(solve(problem, parameters),
                        solvers.wudi_spectral(taus, flow_time=30.0, rank_ratio=0.5))
+
+
+@pytest.mark.parametrize("storage, scale, working", [
+    (torch.float64, 1e-2, torch.float32),  # float64 storage, ordinary magnitudes: a float32 solve
+    (torch.float32, 1e-17, torch.float64),  # beyond float32's safe range: a float64 solve
+    (torch.bfloat16, 1e-2, torch.float32),
+])
+def test_adam_is_sized_in_the_working_dtype_its_scan_chooses(storage, scale, working):
+    taus = structured_task_vectors(3, 24, 40, scale=scale)
+    base = torch.zeros(24, 40, dtype=storage)
+    problem = TaskVectors(base, [tau.to(storage) for tau in taus], [1.0] * 3)
+    assert solvers.scan_task_vectors(problem).dtype == working
+    read = 3 * 24 * 40 * torch.finfo(problem.dtype).bits // 8
+    assert solve_bytes(problem, {"solver": Solver.ADAM}) == (
+        solvers.adam_working_bytes(24, 40, 3, working) + read)
+
+
+def test_task_vectors_hold_no_working_copy_between_reads():
+    # A bfloat16 base read in float32: the copy is made per read, so the
+    # problem (and the original, once a fit check moved it) holds none.
+    base = torch.zeros(64, 32, dtype=torch.bfloat16)
+    experts = [tau.to(torch.bfloat16) for tau in structured_task_vectors(3, 64, 32)]
+    with LiveTensorBytes() as memory:
+        problem = TaskVectors(base, experts, [1.0] * 3)
+        moved = problem.converted(device=torch.device("cpu", 0))
+        assert memory.live == 0
+        tau = moved[0]
+        assert memory.live == tau.untyped_storage().nbytes() == 64 * 32 * 4
+    assert moved.device == torch.device("cpu", 0) and problem.device == torch.device("cpu")

@@ -39,8 +39,20 @@ from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
 from mergekit.options import MergeOptions
 from mergekit.plan import MergePlanner
 from mergekit_wudi.method import METHOD_NAME, check_finite, wudi_merge
-from mergekit_wudi.problems import TaskVectors, solve, wudi_problems
-from mergekit_wudi.report.figures import Summary, interference_figures, summarise
+from mergekit_wudi.problems import (
+    TaskVectors,
+    placed,
+    reading_bytes,
+    solve,
+    solve_bytes,
+    wudi_problems,
+)
+from mergekit_wudi.report.figures import (
+    Summary,
+    figures_working_bytes,
+    interference_figures,
+    summarise,
+)
 from mergekit_wudi.tensor_rules import tensor_fate
 
 PROBE_NAME = "wudi (interference report)"
@@ -51,10 +63,10 @@ PROBE_NAME = "wudi (interference report)"
 
 @dataclass
 class WudiProblem:
-    """One 2-D problem: the task vectors the solver reads, and their float64 twins."""
+    """One 2-D problem: the task vectors the solver reads. They are made when read,
+    so a plan of every slice of a stack holds no working copy of any."""
 
     task_vectors: TaskVectors  # the kernel's working dtype: what the solver reads
-    exact: TaskVectors  # float64: the figures are exact for the stored values
     positions: List[int]  # each task vector's expert, as an index into the recipe's experts
 
 
@@ -82,7 +94,6 @@ def tensor_plan(group: TensorGroup, parameters: Mapping[str, Any], experts: Sequ
     problems = [
         WudiProblem(
             problem,
-            problem.converted(dtype=torch.float64),
             [list(experts).index(model) for model in problem.ids],
         )
         # An expert slice no model changed adds nothing to any figure.
@@ -129,13 +140,25 @@ def tensor_report(group: TensorGroup, parameters: Mapping[str, Any], experts: Se
     if plan.problems:
         figures = None
         for problem in plan.problems:
-            solution = (solve(problem.task_vectors, parameters, group.metadata.name)
-                        if run_solver else None)
-            placed = interference_figures(problem.exact, solution, parameters["lambda"]).placed(
+            # Solve and figures on one device: where both fit, as in the merge.
+            task_vectors = placed(problem.task_vectors, problem.task_vectors.name, lambda vectors: max(
+                solve_bytes(vectors, parameters) if run_solver else 0, figures_bytes(vectors)
+            ))
+            solution = solve(task_vectors, parameters, task_vectors.name) if run_solver else None
+            # Read in float64: the figures are exact for the stored values.
+            exact = task_vectors.converted(dtype=torch.float64)
+            found = interference_figures(exact, solution, parameters["lambda"]).placed(
                 problem.positions, len(experts))
-            figures = placed if figures is None else figures + placed
+            figures = found if figures is None else figures + found
         report.summary = summarise(figures)
     return report
+
+
+def figures_bytes(task_vectors: TaskVectors) -> int:
+    """Peak bytes of ``interference_figures`` (float64, beside a solve's result)."""
+    out_features, in_features = task_vectors.shape
+    return (figures_working_bytes(out_features, in_features, len(task_vectors))
+            + 8 * out_features * in_features + reading_bytes(task_vectors.converted(dtype=torch.float64)))
 
 
 # ---------------------------------------------------------------- running mergekit's plan

@@ -165,6 +165,21 @@ def interference_figures(
     return Figures(inner, expert_loss, trace, norm_sq, expert_trace, expert_norm_sq)
 
 
+def figures_working_bytes(out_features: int, in_features: int, experts: int) -> int:
+    """Peak bytes ``interference_figures`` allocates beyond its inputs (an upper bound).
+
+    Float64: the statistics of all experts and of one (sum, D and C, or stacked
+    rows), the points (average, solution, merged), two task vectors and a
+    residual with its products; measured (tests/test_report_figures.py) at about
+    ``10 out in + 3 in^2`` entries, ``(12 + N) out in`` stacked; plus 1 MiB.
+    """
+    if prefers_stacked_form(out_features, in_features, experts):
+        entries = (13 + experts) * out_features * in_features + (experts + 2) * out_features**2
+    else:
+        entries = 11 * out_features * in_features + 3 * in_features**2
+    return 8 * entries + 2**20
+
+
 def _ratio(numerator: float, denominator: float) -> Optional[float]:
     return numerator / denominator if denominator else None
 

@@ -52,9 +52,11 @@ from mergekit_wudi.solvers.statistics import (
     InterferenceStatistics,
     interference_loss,
     interference_losses,
+    interference_losses_working_bytes,
     interference_statistics,
     prefers_stacked_form,
     scan_task_vectors,
+    working_dtype,
 )
 
 __all__ = [
@@ -78,6 +80,7 @@ __all__ = [
     "gram_and_residual",
     "interference_loss",
     "interference_losses",
+    "interference_losses_working_bytes",
     "interference_statistics",
     "prefers_row_space",
     "prefers_stacked_form",
@@ -88,4 +91,5 @@ __all__ = [
     "wudi_adam",
     "wudi_closed_form",
     "wudi_spectral",
+    "working_dtype",
 ]

@@ -173,6 +173,12 @@ def scan_task_vectors(task_vectors: Sequence[torch.Tensor]) -> TaskVectorScan:
     return TaskVectorScan(initial=initial, weights=weights, dtype=dtype)
 
 
+def working_dtype(task_vectors: Iterable[torch.Tensor]) -> torch.dtype:
+    """The working dtype ``scan_task_vectors`` chooses, from the magnitudes alone
+    (one read, nothing kept): for sizing a solve before running it."""
+    return _dtype_for_magnitude(max((float(tau.abs().max()) for tau in task_vectors), default=0.0))
+
+
 def sum_task_vectors(task_vectors: Iterable[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """sum_i tau_i in ``dtype``, in order: the sum the scan returns."""
     total = None
@@ -227,6 +233,23 @@ def interference_losses(
         max(loss_less_constant(stats, point) + stats.loss_constant, 0.0)
         for point in (stats.initial, merged)
     )
+
+
+def interference_losses_working_bytes(out_features: int, in_features: int, experts: int) -> int:
+    """Peak bytes ``interference_losses`` allocates beyond its inputs (an upper bound).
+
+    Float64 throughout: the sum, D, one task vector and its scaled copy, and the
+    loss's temporaries (the point, its product with C, ``2 D`` and their
+    difference, the elementwise product), ``[out, in]`` each; C and one Gram
+    ``[in, in]``, or stacked the rows twice (built, then concatenated) and the
+    ``[out, out]`` and ``[out, N out]`` products; plus 1 MiB of small ones.
+    tests/test_solvers_statistics.py measures it.
+    """
+    if prefers_stacked_form(out_features, in_features, experts):
+        rest = 2 * experts * out_features * in_features + (1 + experts) * out_features**2
+    else:
+        rest = 2 * in_features**2
+    return 8 * (9 * out_features * in_features + rest) + 2**20
 
 
 def interference_loss(merged: torch.Tensor, task_vectors: Iterable[torch.Tensor]) -> float:
