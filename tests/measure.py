@@ -3,7 +3,8 @@
 ``LiveTensorBytes``: the peak bytes of tensor storage that ops made and that were
 still alive, beyond what existed before (an allocator's workspace inside one
 kernel, e.g. LAPACK's, is not seen). ``MatmulFlops``: the FLOPs of the
-matrix-product ops, by dtype. Both are ``TorchDispatchMode``s: every op, on any
+matrix-product ops (every overload of every product family; an unknown one is an
+error), by dtype. Both are ``TorchDispatchMode``s: every op, on any
 device, passes through them, so the tests and benchmarks count what the code
 does, not what a timer or a page table makes of it.
 """
@@ -15,7 +16,6 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-aten = torch.ops.aten
 
 
 class LiveTensorBytes(TorchDispatchMode):
@@ -52,35 +52,58 @@ def _key(storage):
     return storage.device, storage.data_ptr()
 
 
-def _mm(a, b):
-    return 2 * a.shape[0] * a.shape[1] * b.shape[1]
-
-
-# FLOPs of each matrix-product op from its arguments (2 per multiply-add).
-MATMUL_FLOPS = {
-    aten.mm.default: lambda a, b: _mm(a, b),
-    aten.mm.out: lambda a, b, **_: _mm(a, b),
-    aten.addmm.default: lambda c, a, b, **_: _mm(a, b),
-    aten.addmm.out: lambda c, a, b, **_: _mm(a, b),
-    aten.addmm_.default: lambda c, a, b, **_: _mm(a, b),
-    aten.bmm.default: lambda a, b: a.shape[0] * _mm(a[0], b[0]),
-    aten.baddbmm.default: lambda c, a, b, **_: a.shape[0] * _mm(a[0], b[0]),
-    # LAPACK's counts: Cholesky n^3/3, its solve 2 n^2 k, a symmetric eigensolver 9 n^3.
-    aten.linalg_cholesky_ex.default: lambda a, **_: a.shape[-1] ** 3 // 3,
-    aten.cholesky_solve.default: lambda b, f, *_: 2 * f.shape[-1] ** 2 * b.shape[-1],
-    aten._linalg_eigh.default: lambda a, *_, **__: 9 * a.shape[-1] ** 3,
+# Matrix products by family (the overload's name, an in-place "_" aside), any
+# overload (.default, .out, ...): the two operands' positions. FLOPs: 2 per
+# multiply-add, 2 * a.numel() * (columns of b): mm, bmm, mv and dot alike.
+PRODUCT_OPERANDS = {
+    "mm": (0, 1), "bmm": (0, 1), "mv": (0, 1), "dot": (0, 1), "vdot": (0, 1),
+    "addmm": (1, 2), "baddbmm": (1, 2), "addbmm": (1, 2), "addmv": (1, 2),
+    "_addmm_activation": (1, 2),
 }
+
+# LAPACK's counts: Cholesky n^3/3, its solve 2 n^2 k, a symmetric eigensolver
+# 9 n^3, an LU solve 2/3 n^3 + 2 n^2 k.
+FACTORISATION_FLOPS = {
+    "linalg_cholesky_ex": lambda a, *_, **__: a.shape[-1] ** 3 // 3,
+    "cholesky_solve": lambda b, f, *_, **__: 2 * f.shape[-1] ** 2 * b.shape[-1],
+    "_linalg_eigh": lambda a, *_, **__: 9 * a.shape[-1] ** 3,
+    "_linalg_solve_ex": lambda a, b, *_, **__: 2 * a.shape[-1] ** 3 // 3
+    + 2 * a.shape[-1] ** 2 * (b.shape[-1] if b.dim() == a.dim() else 1),
+}
+
+# Name parts that make an op a matrix product or a factorisation: one of these
+# outside the two tables above is an error, not a silent zero.
+PRODUCT_PARTS = {"mm", "bmm", "mv", "dot", "matmul", "inner", "tensordot", "einsum", "linear"}
+FACTORISATION_PARTS = {"cholesky", "eigh", "eig", "svd", "solve", "inv", "lu", "qr", "lstsq"}
+
+
+def matmul_flops(func, args, kwargs):
+    """(dtype, FLOPs) of a matrix-product or factorisation op; None for any other op.
+
+    Raises on an op whose name says it is one of those but that is not counted
+    here, so a new product in the code cannot escape the count."""
+    name = func.overloadpacket.__name__
+    family = name[:-1] if name.endswith("_") and not name.startswith("_") else name
+    if family in PRODUCT_OPERANDS:
+        first, second = (args[index] for index in PRODUCT_OPERANDS[family])
+        return first.dtype, 2 * first.numel() * (second.shape[-1] if second.dim() >= 2 else 1)
+    if family in FACTORISATION_FLOPS:
+        return args[0].dtype, FACTORISATION_FLOPS[family](*args, **kwargs)
+    parts = set(family.strip("_").split("_"))
+    if parts & (PRODUCT_PARTS | FACTORISATION_PARTS):
+        raise NotImplementedError(f"tests/measure.py does not count the FLOPs of {func}; add it")
+    return None
 
 
 class MatmulFlops(TorchDispatchMode):
-    """``flops[dtype]``: FLOPs of matrix products (``MATMUL_FLOPS``) run in ``dtype``."""
+    """``flops[dtype]``: FLOPs of matrix products and factorisations (``matmul_flops``) run in ``dtype``."""
 
     def __init__(self):
         super().__init__()
         self.flops = Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        count = MATMUL_FLOPS.get(func)
-        if count is not None:
-            self.flops[args[0].dtype] += count(*args, **(kwargs or {}))
+        counted = matmul_flops(func, args, kwargs or {})
+        if counted is not None:
+            self.flops[counted[0]] += counted[1]
         return func(*args, **(kwargs or {}))

@@ -10,6 +10,7 @@ from mergekit_wudi import problems, solvers
 from tests.oracle import (
     authors_wudi,
     clamped_spectrum,
+    gavish_donoho_rank,
     gradient_flow,
     participation_sqrt_rank,
     relative_error,
@@ -129,6 +130,12 @@ def test_spectral_rank_cut_and_automatic_rank():
     kept = participation_sqrt_rank(clamped_spectrum(taus))
     assert kept < 16
     assert relative_error(aswudi - base, spectral_reference(taus, float("inf"), kept)) < 1e-6
+    # rank_rule reaches the solver: Gavish-Donoho keeps another K here.
+    gavish = wudi(base, experts, solver="spectral", flow_time=float("inf"), rank_ratio="auto",
+                  rank_rule="gavish_donoho")
+    other = gavish_donoho_rank(clamped_spectrum(taus), (24, 16))
+    assert other != kept
+    assert relative_error(gavish - base, spectral_reference(taus, float("inf"), other)) < 1e-6
 
 
 def test_spectral_zero_flow_time_is_task_arithmetic():
