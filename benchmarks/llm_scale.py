@@ -18,8 +18,8 @@ that peak over one float32 ``[out, in]`` tensor.
 Adam on CPU: one solve of 300 steps at 8B's shapes would take hours, so its
 parts are timed apart and summed: the setup (``solvers.gram_and_residual``),
 one fold (``solvers.adam_descent`` with 0 steps: the final fold alone), and a
-few ordinary steps (``solvers.adam_steps`` with the loop's gradient, C's
-``step``: at least 2, and at least 2 s of them), for
+few ordinary steps (``solvers.adam_descent`` with 1 + k steps less with 1:
+k at least 2, and at least 2 s of them), for
 ``setup + 300 steps + 6 folds`` (one every ``RESIDUAL_REFRESH_STEPS``, one at the
 end). The FLOPs are counted in the same runs and summed alike, and the peak
 memory is that of the setup or of a last 1-step loop on the setup's own state,
@@ -209,16 +209,12 @@ def adam_parts(task_vectors, device, float64_matmuls, steps):
 
     # A fold: the loop with no step is its final fold alone (and two copies).
     fold_time, fold_flops, _, _ = measure(lambda: descend(0))
-    # Ordinary steps: the loop's gradient (solvers.adam_descent) and Adam update.
-    offset, gradient = torch.zeros_like(anchor), torch.empty_like(anchor)
-
-    def gradient_at(step):
-        gram.step(offset, residual, out=gradient)
-        return gradient
-
-    steps_time, steps_flops, _, _ = measure(lambda: solvers.adam_steps(
-        offset, gradient_at, steps, solvers.DEFAULT_LEARNING_RATE))
-    del offset, gradient
+    # Ordinary steps: the loop itself with 1 + steps steps less the loop with 1
+    # (both one fold, steps < RESIDUAL_REFRESH_STEPS, and the same copies).
+    one_time, one_flops, _, _ = measure(lambda: descend(1))
+    more_time, more_flops, _, _ = measure(lambda: descend(1 + steps))
+    steps_time = more_time - one_time
+    steps_flops = add_flops((1, more_flops), (-1, one_flops))
     # Last, on the prepared state itself, as wudi_adam runs it: its peak plus
     # what the setup left (anchor, residual, C) is the descent's peak.
     _, _, descent_peak, _ = measure(lambda: descend(1, consume=True))

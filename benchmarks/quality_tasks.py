@@ -36,6 +36,8 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from mergekit_wudi.atomic import write_atomically
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 WORDNET = Path("/usr/share/wordnet")
@@ -411,16 +413,6 @@ def prepare_family(
             log(f"trained expert {task.name} in {time.perf_counter() - started:.0f} s")
         family.experts[task.name], family.heads[task.name] = expert, head_file
     return family
-
-
-def write_atomically(directory: Path, write: Callable[[Path], None]) -> None:
-    """Write into a sibling directory and rename, so an interrupted run leaves no half cache."""
-    partial = directory.with_name(directory.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.parent.mkdir(parents=True, exist_ok=True)
-    write(partial)
-    shutil.rmtree(directory, ignore_errors=True)
-    partial.rename(directory)
 
 
 def score(encoder_dir: Path, family: Family, tasks: Sequence[Task]) -> Dict[str, float]:

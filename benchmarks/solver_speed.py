@@ -156,13 +156,12 @@ def authors_seconds_per_step(task_vectors, steps, device):
 
 
 def prepare_descent(task_vectors, float64_matmuls=None):
-    """What ``wudi_adam`` computes before its Adam loop: the sum, C and the residual
-    (``float64_matmuls`` None: as the device decides)."""
+    """What ``wudi_adam`` computes before its Adam loop, by its own functions: the
+    sum, C and the residual (``float64_matmuls`` None: as the device decides)."""
     scan = solvers.scan_task_vectors(task_vectors)
-    if float64_matmuls is None:
-        float64_matmuls = solvers.float64_matmuls_are_fast(scan.initial.device)
-    gram, residual = solvers.gram_and_residual(task_vectors, scan, float64_matmuls)
-    return scan.initial, gram, residual
+    start = solvers.descent_start(task_vectors, scan, solvers.DEFAULT_ITERATIONS, float64_matmuls)
+    assert start is not None, "the benchmarks' task vectors need a descent"
+    return (scan.initial, *start)
 
 
 def descend(prepared, iterations):

@@ -37,11 +37,13 @@ def authors_wudi(
 def eq21(merged: torch.Tensor, task_vectors: Sequence[torch.Tensor]) -> float:
     """sum_i ||(tau_m - tau_i) tau_i^T||^2 / ||tau_i||^2 as written, float64; zero
     task vectors (which WUDI leaves out) contribute nothing."""
-    merged = merged.double()
-    return sum(
-        float(((merged - tau) @ tau.T).square().sum() / tau.square().sum())
-        for tau in (t.double() for t in task_vectors) if tau.any()
-    )
+    return sum(eq21_term(merged, tau) for tau in task_vectors if tau.any())
+
+
+def eq21_term(merged: torch.Tensor, tau: torch.Tensor) -> float:
+    """One expert's term of Eq. 21, ||(x - tau) tau^T||_F^2 / ||tau||_F^2, in float64."""
+    merged, tau = merged.double(), tau.double()
+    return float(((merged - tau) @ tau.T).square().sum() / tau.square().sum())
 
 
 def normal_equations_wudi_cfs(task_vectors: Sequence[torch.Tensor], omega: float) -> torch.Tensor:

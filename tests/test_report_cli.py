@@ -17,16 +17,13 @@ import yaml
 from click.testing import CliRunner
 
 from tests.conftest import load_weights, run_console_script
+from tests.oracle import eq21_term
 
 pytestmark = pytest.mark.slow
 
 LAMBDA = 0.5
 PLOTS = ("heatmap.png", "layers.png", "cosine.png", "expert_shares.png")
 
-
-def direct_term(merged: torch.Tensor, tau: torch.Tensor) -> float:
-    """||(x - tau) tau^T||_F^2 / ||tau||_F^2 in float64."""
-    return float(torch.linalg.matrix_norm((merged - tau) @ tau.T) ** 2 / (tau * tau).sum())
 
 
 def participation_ratio(eigenvalues: torch.Tensor) -> float:
@@ -115,7 +112,7 @@ def test_every_number_equals_a_float64_computation_from_the_checkpoints(llama_ru
         total = sum(taus)
         for point, merged in (("zero", torch.zeros_like(total)), ("sum", total),
                               ("average", total / len(taus))):
-            terms = [direct_term(merged, tau) for tau in taus]
+            terms = [eq21_term(merged, tau) for tau in taus]
             assert [row["expert_loss"][point][i] for i in present] == pytest.approx(terms, rel=1e-10)
             assert row["loss"][point] == pytest.approx(sum(terms), rel=1e-10)
             assert [row["expert_share"][point][i] for i in present] == pytest.approx(
@@ -143,9 +140,9 @@ def test_loss_at_the_solution_is_the_loss_of_the_tensor_mergekit_yaml_writes(lla
         name = row["name"]
         taus = task_vectors(llama_run, name)
         written = llama_run["merged"][name].double() - llama_run["base"][name].double()
-        assert row["loss"]["merged"] == pytest.approx(sum(direct_term(written, t) for t in taus), rel=1e-5)
+        assert row["loss"]["merged"] == pytest.approx(sum(eq21_term(written, t) for t in taus), rel=1e-5)
         assert row["loss"]["solution"] == pytest.approx(
-            sum(direct_term(written / LAMBDA, t) for t in taus), rel=1e-5)
+            sum(eq21_term(written / LAMBDA, t) for t in taus), rel=1e-5)
         assert row["removed"] == pytest.approx(1 - row["loss"]["solution"] / row["loss"]["sum"], rel=1e-12)
         assert 0 < row["removed"] < 1, name  # Adam lowered the loss, and not to zero
 
@@ -193,7 +190,7 @@ def test_gpt2_conv1d_weights_are_reported_on_their_out_in_view(families, tmp_pat
         taus = [(expert[row["name"]].double() - stored[0][row["name"]].double()).T
                 for expert in stored[1:]]
         total = sum(taus)
-        assert row["loss"]["sum"] == pytest.approx(sum(direct_term(total, t) for t in taus), rel=1e-10)
+        assert row["loss"]["sum"] == pytest.approx(sum(eq21_term(total, t) for t in taus), rel=1e-10)
         assert set(row["loss"]) == {"zero", "sum", "average"} and row["removed"] is None
 
 
@@ -290,7 +287,7 @@ def test_moe_expert_stacks_are_reported_slice_by_slice(moe_merge):
             taus = [w * (x[name][e].double() - stack[e].double())
                     for w, x in zip(MOE_WEIGHTS, experts) if not torch.equal(x[name][e], stack[e])]
             update = (written[name][e].double() - stack[e].double()) / MOE_LAMBDA
-            zero += sum(direct_term(torch.zeros_like(t), t) for t in taus)
-            solution += sum(direct_term(update, t) for t in taus)
+            zero += sum(eq21_term(torch.zeros_like(t), t) for t in taus)
+            solution += sum(eq21_term(update, t) for t in taus)
         assert row["loss"]["zero"] == pytest.approx(zero, rel=1e-10), name
         assert row["loss"]["solution"] == pytest.approx(solution, rel=1e-5), name

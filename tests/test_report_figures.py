@@ -14,6 +14,7 @@ from mergekit_wudi.report.figures import (
     summarise,
 )
 from tests.measure import LiveTensorBytes
+from tests.oracle import eq21_term
 
 
 def structured(out_features: int, in_features: int, rank: int, seed: int) -> torch.Tensor:
@@ -22,11 +23,6 @@ def structured(out_features: int, in_features: int, rank: int, seed: int) -> tor
         rank, in_features, generator=generator)
     return (low_rank + 0.3 * torch.randn(out_features, in_features, generator=generator)) * 1e-2
 
-
-def direct_term(merged: torch.Tensor, tau: torch.Tensor) -> float:
-    """||(x - tau) tau^T||_F^2 / ||tau||_F^2, Eq. 21's term, in float64."""
-    merged, tau = merged.double(), tau.double()
-    return float(torch.linalg.matrix_norm((merged - tau) @ tau.T) ** 2 / (tau * tau).sum())
 
 
 def participation_ratio(eigenvalues: torch.Tensor) -> float:
@@ -53,11 +49,11 @@ def test_every_figure_equals_the_direct_computation(shape):
     points = {"zero": torch.zeros_like(total), "sum": total, "average": total / 3,
               "solution": solution.double(), "merged": lam * solution.double()}
     for point, merged in points.items():
-        terms = [direct_term(merged, tau) for tau in task_vectors]
+        terms = [eq21_term(merged, tau) for tau in task_vectors]
         assert summary.expert_loss[point] == pytest.approx(terms, rel=1e-10)
         assert summary.loss[point] == pytest.approx(sum(terms), rel=1e-10)
         assert summary.expert_share[point] == pytest.approx([t / sum(terms) for t in terms], rel=1e-10)
-        zero = sum(direct_term(points["zero"], tau) for tau in task_vectors)
+        zero = sum(eq21_term(points["zero"], tau) for tau in task_vectors)
         assert summary.relative[point] == pytest.approx(sum(terms) / zero, rel=1e-10)
     assert summary.removed == pytest.approx(1 - summary.loss["solution"] / summary.loss["sum"])
     norms = [float(torch.linalg.vector_norm(t.double())) for t in task_vectors]
@@ -124,7 +120,7 @@ def test_slices_add_up_to_the_block_diagonal_problem():
         added = figures if added is None else added + figures
     assert isinstance(added, Figures) and added.problems == 3
     summary = summarise(added)
-    losses = [sum(direct_term(x, tau) for tau in pair) for pair, x in zip(slices, solutions)]
+    losses = [sum(eq21_term(x, tau) for tau in pair) for pair, x in zip(slices, solutions)]
     assert summary.loss["solution"] == pytest.approx(sum(losses), rel=1e-10)
     eigenvalues = torch.cat([
         torch.linalg.eigvalsh(sum(t.double().T @ t.double() / (t.double() ** 2).sum() for t in pair))

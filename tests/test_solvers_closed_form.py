@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from mergekit_wudi.solvers import closed_form_working_bytes, interference_loss, wudi_closed_form
+from mergekit_wudi.solvers import closed_form_working_bytes, wudi_closed_form
 from tests.measure import LiveTensorBytes
 from tests.oracle import (
+    eq21,
     exact_minimiser,
     normal_equations_wudi_cfs,
     relative_error,
@@ -31,11 +32,11 @@ def test_closed_form_equals_eq20_normal_equations(shape, count, omega):
 @pytest.mark.parametrize("count", [2, 3, 5])
 def test_tiny_omega_approaches_the_minimiser_of_eq21(shape, count):
     task_vectors = structured_task_vectors(count, *shape, seed=count)
-    start = interference_loss(sum(task_vectors), task_vectors)
-    minimum = interference_loss(exact_minimiser(task_vectors), task_vectors)
+    start = eq21(sum(task_vectors), task_vectors)
+    minimum = eq21(exact_minimiser(task_vectors), task_vectors)
     assert minimum < start
     losses = [
-        interference_loss(wudi_closed_form(task_vectors, omega=omega), task_vectors)
+        eq21(wudi_closed_form(task_vectors, omega=omega), task_vectors)
         for omega in (1e-2, 1e-4, 1e-6, 1e-8, 1e-10)
     ]
     # A smaller ridge is a smaller bias towards the weighted mean of the tau_i ...

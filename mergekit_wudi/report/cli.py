@@ -1,7 +1,6 @@
 """The console script ``mergekit-wudi-report RECIPE.yml REPORT_DIR``."""
 
 import json
-import os
 import platform
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -11,6 +10,7 @@ import click
 import tqdm
 
 from mergekit.options import OPTION_HELP, MergeOptions
+from mergekit_wudi.atomic import write_atomically
 
 JSON_NAME = "report.json"
 HTML_NAME = "report.html"
@@ -24,13 +24,6 @@ def versions() -> Dict[str, str]:
         except PackageNotFoundError:
             pass
     return found
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write beside ``path`` and rename, so a stopped run leaves no half file."""
-    partial = path.with_name(path.name + ".partial")
-    partial.write_bytes(data)
-    os.replace(partial, path)
 
 
 @click.command("mergekit-wudi-report")
@@ -90,7 +83,7 @@ def main(recipe: Path, report_dir: Path, no_solve: bool, quiet: bool, **merge_op
     outputs = {JSON_NAME: (json.dumps(report, indent=1, allow_nan=False) + "\n").encode(),
                HTML_NAME: render.report_html(report, images).encode(), **images}
     for name, data in outputs.items():
-        write_atomically(report_dir / name, data)
+        write_atomically(report_dir / name, lambda partial, data=data: partial.write_bytes(data))
     if not quiet:
         click.echo(render.summary_text(report))
         click.echo(f"Wrote {', '.join(outputs)} to {report_dir}")

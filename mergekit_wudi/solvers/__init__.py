@@ -23,6 +23,7 @@ from mergekit_wudi.solvers.adam import (
     adam_descent,
     adam_steps,
     adam_working_bytes,
+    descent_start,
     gram_and_residual,
     residual_through_own_gram,
     wudi_adam,
@@ -50,7 +51,6 @@ from mergekit_wudi.solvers.spectral import (
 )
 from mergekit_wudi.solvers.statistics import (
     InterferenceStatistics,
-    interference_loss,
     interference_losses,
     interference_losses_working_bytes,
     interference_statistics,
@@ -75,10 +75,10 @@ __all__ = [
     "adam_steps",
     "adam_working_bytes",
     "closed_form_working_bytes",
+    "descent_start",
     "exact_matmul",
     "float64_matmuls_are_fast",
     "gram_and_residual",
-    "interference_loss",
     "interference_losses",
     "interference_losses_working_bytes",
     "interference_statistics",

@@ -23,7 +23,7 @@ as one float64 and one float32 copy of it).
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional, Sequence, Union
+from typing import Callable, Iterable, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.optim.adam import adam as torch_adam_functional
@@ -84,15 +84,10 @@ def wudi_adam(
     if not task_vectors:
         raise ValueError("WUDI needs at least one task vector")
     scan = scan_task_vectors(task_vectors)
-    if scan.active <= 1 or iterations == 0:
-        # One expert: tau_m = tau_1 is an exact zero of the gradient, so Adam
-        # would never move; skip the rounding noise of evaluating it.
+    start = descent_start(task_vectors, scan, iterations, float64_matmuls)
+    if start is None:
         return scan.initial
-    if float64_matmuls is None:
-        float64_matmuls = float64_matmuls_are_fast(scan.initial.device)
-    # Beyond float32's range (extreme magnitudes) everything is float64 anyway.
-    float64_matmuls = float64_matmuls or scan.dtype == torch.float64
-    gram, residual = gram_and_residual(task_vectors, scan, float64_matmuls)
+    gram, residual = start
     merged = scan.initial  # becomes tau_m in place
     change = adam_descent(gram, residual, merged, iterations, learning_rate)
     if change > 0:
@@ -105,6 +100,25 @@ def wudi_adam(
         )
         return start
     return merged
+
+
+def descent_start(
+    task_vectors: Sequence[torch.Tensor],
+    scan: TaskVectorScan,
+    iterations: int,
+    float64_matmuls: Optional[bool],
+) -> Optional[Tuple["Gram", torch.Tensor]]:
+    """``wudi_adam``'s setup after its scan: C and R at the sum (``gram_and_residual``),
+    or None where the sum is the answer. ``float64_matmuls`` as ``wudi_adam`` takes it."""
+    if scan.active <= 1 or iterations == 0:
+        # One expert: tau_m = tau_1 is an exact zero of the gradient, so Adam
+        # would never move; skip the rounding noise of evaluating it.
+        return None
+    if float64_matmuls is None:
+        float64_matmuls = float64_matmuls_are_fast(scan.initial.device)
+    # Beyond float32's range (extreme magnitudes) everything is float64 anyway.
+    float64_matmuls = float64_matmuls or scan.dtype == torch.float64
+    return gram_and_residual(task_vectors, scan, float64_matmuls)
 
 
 def adam_working_bytes(

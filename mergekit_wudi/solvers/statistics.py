@@ -220,7 +220,7 @@ def interference_losses(
 
     One pass over the task vectors, as a solve's statistics take: the cost of
     about one Adam step per task vector, not the ``[out, out]`` products of
-    evaluating Eq. 21 as written (``interference_loss``).
+    evaluating Eq. 21 as written (tests/oracle.py's ``eq21``).
     """
     out_features, in_features = task_vectors[0].shape
     stats = interference_statistics(
@@ -250,15 +250,3 @@ def interference_losses_working_bytes(out_features: int, in_features: int, exper
     else:
         rest = 2 * in_features**2
     return 8 * (9 * out_features * in_features + rest) + 2**20
-
-
-def interference_loss(merged: torch.Tensor, task_vectors: Iterable[torch.Tensor]) -> float:
-    """Eq. 21 evaluated directly (float64), zero task vectors contributing nothing."""
-    merged = merged.double()
-    total = 0.0
-    for tau in task_vectors:
-        tau = tau.double()
-        norm_sq = float((tau * tau).sum())
-        if norm_sq:
-            total += float(torch.linalg.matrix_norm((merged - tau) @ tau.T) ** 2) / norm_sq
-    return total
