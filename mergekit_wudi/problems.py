@@ -18,6 +18,7 @@ import torch
 
 from mergekit_wudi import solvers
 from mergekit_wudi.parameters import FLOAT64_MATMULS, Solver
+from mergekit_wudi.progress import solve_progress
 from mergekit_wudi.tensor_rules import Layout, TensorFate
 
 LOG = logging.getLogger(__name__)
@@ -154,28 +155,33 @@ def solve(task_vectors: TaskVectors, parameters: Mapping[str, Any], name: Option
     """The merged task vector ``tau_m`` (``[out, in]``) of one problem, by the
     configured solver; ``parameters`` as the kernel receives them. A solve that
     would not fit in the memory left on its accelerator runs on the CPU
-    (``solve_device``)."""
+    (``solve_device``). A long solve shows its progress (``progress``)."""
     solver = parameters["solver"]
     needed = working_bytes(solver, task_vectors.shape, len(task_vectors), task_vectors.dtype)
     device = solve_device(name, task_vectors.device, needed, free_memory(task_vectors.device))
     if device != task_vectors.device:
         task_vectors = task_vectors.converted(device=device)
-    if solver == Solver.SPECTRAL:
-        return solvers.wudi_spectral(
+    with solve_progress(name) as progress:
+        if solver == Solver.SPECTRAL:
+            return solvers.wudi_spectral(
+                task_vectors,
+                flow_time=parameters["flow_time"],
+                rank_ratio=parameters["rank_ratio"],
+                rank_rule=parameters["rank_rule"],
+                progress=progress,
+            )
+        if solver == Solver.CLOSED_FORM:
+            return solvers.wudi_closed_form(
+                task_vectors, omega=parameters["omega"], name=name, progress=progress
+            )
+        return solvers.wudi_adam(
             task_vectors,
-            flow_time=parameters["flow_time"],
-            rank_ratio=parameters["rank_ratio"],
-            rank_rule=parameters["rank_rule"],
+            iterations=parameters["iterations"],
+            learning_rate=parameters["learning_rate"],
+            float64_matmuls=FLOAT64_MATMULS[parameters["precision"]],
+            name=name,
+            progress=progress,
         )
-    if solver == Solver.CLOSED_FORM:
-        return solvers.wudi_closed_form(task_vectors, omega=parameters["omega"], name=name)
-    return solvers.wudi_adam(
-        task_vectors,
-        iterations=parameters["iterations"],
-        learning_rate=parameters["learning_rate"],
-        float64_matmuls=FLOAT64_MATMULS[parameters["precision"]],
-        name=name,
-    )
 
 
 # Device fit: a solve that would not fit in the memory left on its accelerator

@@ -35,6 +35,7 @@ from mergekit_wudi.solvers.products import (
     exact_matmul,
     float64_matmuls_are_fast,
 )
+from mergekit_wudi.solvers.progress import DONE, Progress
 from mergekit_wudi.solvers.statistics import (
     TaskVectorScan,
     prefers_stacked_form,
@@ -62,6 +63,7 @@ def wudi_adam(
     learning_rate: float = DEFAULT_LEARNING_RATE,
     float64_matmuls: Optional[bool] = None,
     name: Optional[str] = None,
+    progress: Optional[Progress] = None,
 ) -> torch.Tensor:
     """Merged task vector tau_m after ``iterations`` Adam steps on Eq. 21.
 
@@ -79,6 +81,9 @@ def wudi_adam(
     vectors' size, so on task vectors much smaller than that it overshoots. If
     the loss ends above its value at the start, the start (the sum, read a third
     time) is returned and a warning naming ``name`` is logged.
+
+    ``progress`` (``solvers.progress``) hears of the setup (C and the residual)
+    as one unit, then of each step.
     """
     if not task_vectors:
         raise ValueError("WUDI needs at least one task vector")
@@ -91,9 +96,16 @@ def wudi_adam(
         float64_matmuls = float64_matmuls_are_fast(scan.initial.device)
     # Beyond float32's range (extreme magnitudes) everything is float64 anyway.
     float64_matmuls = float64_matmuls or scan.dtype == torch.float64
+    steps_done = None
+    if progress is not None:
+        def steps_done(steps: int) -> None:
+            phase = "Adam steps" if steps < iterations else DONE
+            progress(phase, steps + 1, iterations + 1)
+
+        progress("C and residual", 0, iterations + 1)
     gram, residual = gram_and_residual(task_vectors, scan, float64_matmuls)
     merged = scan.initial  # becomes tau_m in place
-    change = adam_descent(gram, residual, merged, iterations, learning_rate)
+    change = adam_descent(gram, residual, merged, iterations, learning_rate, steps_done)
     if change > 0:
         start = sum_task_vectors(task_vectors, scan.dtype)
         LOG.warning(
@@ -246,11 +258,14 @@ def adam_descent(
     anchor: torch.Tensor,
     iterations: int,
     learning_rate: float,
+    steps_done: Optional[Callable[[int], None]] = None,
 ) -> float:
     """``iterations`` Adam steps on Eq. 21 from ``anchor``, which becomes tau_m in place.
 
     ``residual`` (R = anchor C - D, updated in place) and ``gram`` (C) are
     ``gram_and_residual``'s. Returns the change of the loss, L(tau_m) - L(start).
+    ``steps_done(k)``, if given, is told before each step and at the end how many
+    steps are done.
 
     Adam's parameter is the offset tau_m - a itself (Adam's update does not depend
     on its parameter's value), so no step spends a pass forming tau_m. A fold
@@ -280,6 +295,8 @@ def adam_descent(
 
     def gradient_at(step: int) -> torch.Tensor:
         nonlocal gradient
+        if steps_done is not None:
+            steps_done(step - 1)
         if step > 1 and (step - 1) % RESIDUAL_REFRESH_STEPS == 0:
             gradient = None  # its memory is the fold's working space
             fold()
@@ -292,6 +309,8 @@ def adam_descent(
     gradient = None
     fold()
     anchor.add_(offset)
+    if steps_done is not None:
+        steps_done(iterations)
     return change
 
 
