@@ -24,7 +24,7 @@ k at least 2, and at least 2 s of them), for
 end). The FLOPs are counted in the same runs and summed alike, and the peak
 memory is that of the setup or of a last 1-step loop on the setup's own state,
 whichever is higher. Rows marked
-"projected" were not run at all: their FLOPs come from ``flop_model`` (checked
+"projected" were not run at all: their FLOPs come from ``solve_flops`` (checked
 against the counted FLOPs of every run here, and of both precisions at 1/8
 size), their time from those FLOPs at this run's plain matmul rates (float32,
 float64) times the measured/ideal ratio of the 8B weight of the same role, and
@@ -59,6 +59,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import List
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
@@ -73,6 +74,12 @@ from benchmarks.solver_speed import (  # noqa: E402
     synchronize,
 )
 from mergekit_wudi import solvers  # noqa: E402
+from mergekit_wudi.solvers.costs import (  # noqa: E402
+    folds,
+    ideal_seconds,
+    matmul_rates,
+    solve_flops,
+)
 from tests.measure import LiveTensorBytes, MatmulFlops  # noqa: E402
 from tests.oracle import structured_task_vectors  # noqa: E402
 
@@ -149,45 +156,6 @@ def storage_bytes(*objects) -> int:
     return total
 
 
-def folds(iterations: int) -> int:
-    """Folds in a solve of ``iterations`` steps: one every RESIDUAL_REFRESH_STEPS, one at the end."""
-    return (iterations - 1) // solvers.RESIDUAL_REFRESH_STEPS + 1
-
-
-def flop_model(solver, shape, experts, iterations, float64_matmuls):
-    """Matmul FLOPs of one solve by dtype, from the solvers' structure (checked below)."""
-    m, n = shape
-    if solver == "closed_form":
-        return {torch.float64: experts * 4 * m * n * n + n**3 // 3 + 2 * n * n * m}
-    if solver == "spectral":
-        return {torch.float64: spectral_flops(m, n, experts)}
-    if solvers.prefers_stacked_form(m, n, experts):
-        setup = experts * 4 * m * m * n  # (a - tau_i) tau_i^T, then tau_i
-        fold = step = 4 * experts * m * m * n  # (x S^T) S
-    else:
-        if solvers.residual_through_own_gram(m, n, float64_matmuls):
-            setup = experts * 4 * m * n * n  # tau_i^T tau_i, (a - tau_i) G_i
-        else:
-            setup = experts * (2 * m * n * n + 4 * m * m * n)  # C; through (a - tau_i) tau_i^T
-        fold = step = 2 * m * n * n
-    accurate = setup + folds(iterations) * fold
-    if float64_matmuls:
-        return {torch.float32: iterations * step, torch.float64: accurate}
-    return {torch.float32: iterations * step + 3 * accurate}  # three float32 per product
-
-
-def spectral_flops(m, n, experts):
-    """``wudi_spectral``'s float64 FLOPs at its defaults (every direction kept)."""
-    if not solvers.prefers_row_space(m, n, experts):
-        # C and D; eigh of C; the sum and D onto the eigenvectors, and back.
-        return experts * 4 * m * n * n + 9 * n**3 + 6 * m * n * n
-    s = experts * m  # the rows of the stacked task vectors
-    # Each expert's own [out, out] Gram and D; S S^T; its eigh; A U and B U;
-    # U^T S, and the coefficients through it.
-    return (experts * 4 * m * m * n + 2 * s * s * n + 9 * s**3 + experts * 4 * m * n * s
-            + 2 * s * s * n + 2 * m * s * n)
-
-
 def same_flops(counted, model) -> bool:
     keys = {k for k, v in {**counted, **model}.items() if v}
     return all(abs(counted.get(k, 0) - model.get(k, 0)) <= 1e-9 * model.get(k, 1) for k in keys)
@@ -233,7 +201,7 @@ def adam_parts(task_vectors, device, float64_matmuls, steps):
 
 def cpu_steps(shape, rates) -> int:
     """Ordinary steps to time: CPU_STEPS, or more where steps are short (2 s at least), within a fold period."""
-    step = sum(flop_model("adam", shape, EXPERTS, 1, True).values()) / rates[torch.float32]
+    step = sum(solve_flops("adam", shape, EXPERTS, 1, True).values()) / rates[torch.float32]
     return min(max(CPU_STEPS, math.ceil(2.0 / step)), solvers.RESIDUAL_REFRESH_STEPS - 2)
 
 
@@ -247,7 +215,7 @@ def solve_row(solver, shape, device, float64_matmuls, rates):
             solvers.wudi_closed_form, omega=solvers.DEFAULT_OMEGA))
         elapsed, flops, peak, _ = Measured(device)(lambda: solve(task_vectors))
         row = {"seconds": elapsed, "flops": flops, "peak": peak, "timed": "one solve"}
-    model = flop_model(solver, shape, EXPERTS, ITERATIONS, float64_matmuls)
+    model = solve_flops(solver, shape, EXPERTS, ITERATIONS, float64_matmuls)
     row["model_ok"] = same_flops(row["flops"], model)
     row["estimate"] = estimate_bytes(solver, shape)
     return row
@@ -274,25 +242,6 @@ def estimate_bytes(solver, shape):
     if solver == "spectral":
         return solvers.spectral_working_bytes(*shape, EXPERTS)
     return solvers.closed_form_working_bytes(*shape, EXPERTS)
-
-
-def matmul_rates(device, size):
-    """Plain float32 and float64 matmul FLOP/s on ``device`` at ``[size, size]``."""
-    rates = {}
-    for dtype in (torch.float32, torch.float64):
-        a = torch.randn(size, size, dtype=dtype, device=device)
-        a @ a
-        synchronize(device)
-        start, calls = time.perf_counter(), 3
-        for _ in range(calls):
-            a @ a
-        synchronize(device)
-        rates[dtype] = calls * 2 * size**3 / (time.perf_counter() - start)
-    return rates
-
-
-def ideal_seconds(flops, rates):
-    return sum(count / rates[dtype] for dtype, count in flops.items())
 
 
 def task_arithmetic_seconds(shape, directory: Path):
@@ -332,7 +281,7 @@ def gflop(flops, dtype):
     return f"{flops.get(dtype, 0) / 1e9:,.0f}"
 
 
-def check_flop_model_both_precisions(device):
+def check_solve_flops_both_precisions(device):
     """Both precisions, every structure (own Gram, through tau^T, stacked), counted."""
     mismatches = []
     for shape in [(1792, 512), (512, 512), (512, 1792), (128, 1024)]:
@@ -340,29 +289,25 @@ def check_flop_model_both_precisions(device):
         for float64_matmuls in (True, False):
             with MatmulFlops() as flops:
                 solvers.wudi_adam(task_vectors, iterations=7, float64_matmuls=float64_matmuls)
-            if not same_flops(dict(flops.flops), flop_model("adam", shape, EXPERTS, 7, float64_matmuls)):
+            if not same_flops(dict(flops.flops), solve_flops("adam", shape, EXPERTS, 7, float64_matmuls)):
                 mismatches.append((shape, float64_matmuls))
     return mismatches
 
 
-def mergekit_memory(quick: bool):
-    """Peak RSS (MiB) of mergekit-yaml merges of one wide Llama layer: {(method, N): MiB}."""
+def wide_layer_family(hidden: int, intermediate: int, experts: int) -> List[Path]:
+    """A one-layer Llama base and ``experts`` perturbed copies, built once under benchmarks/.cache."""
     import transformers
-    import yaml
 
     from mergekit_wudi.demo import perturb, save_tokenizer
 
     transformers.utils.logging.disable_progress_bar()
-
-    hidden, intermediate = (256, 896) if quick else (2048, 7168)
-    counts = (2, 6)
     root = REPO_ROOT / "benchmarks" / ".cache" / f"llm_scale_layer_{hidden}"
     config = transformers.LlamaConfig(
         vocab_size=1024, hidden_size=hidden, intermediate_size=intermediate,
         num_hidden_layers=1, num_attention_heads=hidden // 128 or 2,
         num_key_value_heads=max(1, hidden // 512), tie_word_embeddings=False,
     )
-    paths = [root / "base"] + [root / f"expert_{i}" for i in range(1, max(counts) + 1)]
+    paths = [root / "base"] + [root / f"expert_{i}" for i in range(1, experts + 1)]
     if not all((path / "model.safetensors").exists() for path in paths):
         torch.manual_seed(0)
         model = transformers.LlamaForCausalLM(config)
@@ -374,6 +319,16 @@ def mergekit_memory(quick: bool):
                 perturb(model, seed=index)
             model.save_pretrained(path)
             save_tokenizer(path, config.vocab_size)
+    return paths
+
+
+def mergekit_memory(quick: bool):
+    """Peak RSS (MiB) of mergekit-yaml merges of one wide Llama layer: {(method, N): MiB}."""
+    import yaml
+
+    hidden, intermediate = (256, 896) if quick else (2048, 7168)
+    counts = (2, 6)
+    paths = wide_layer_family(hidden, intermediate, max(counts))
     wrapper = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:],"
                " capture_output=True).returncode; print(rc,"
                " resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
@@ -441,7 +396,7 @@ def main(argv=None):
                     row["ratio"] = row["seconds"] / ideal_seconds(row["flops"], rates)
                     measured_roles[role.split(",")[0].split()[0], solver] = row["ratio"]
                 else:
-                    flops = flop_model(solver, shape, EXPERTS, ITERATIONS, float64_matmuls)
+                    flops = solve_flops(solver, shape, EXPERTS, ITERATIONS, float64_matmuls)
                     ratio = measured_roles[role.split(",")[0].split()[0], solver]
                     row = {"seconds": ideal_seconds(flops, rates) * ratio, "flops": flops,
                            "peak": estimate_bytes(solver, shape), "estimate": None,
@@ -493,7 +448,7 @@ def main(argv=None):
                      + [f"{projected} of {len(weights) * len(SOLVERS)}"])
     print_table(header, table)
 
-    print("\n## Adam's FLOPs per weight by precision (flop_model, 300 steps)\n")
+    print("\n## Adam's FLOPs per weight by precision (solve_flops, 300 steps)\n")
     print("`precision: float64` computes the residual and its folds with float64 matmuls;"
           " `float32` with three float32 matmuls each on error-free splits. The last columns"
           f" weigh each float64 FLOP {SLOW_FLOAT64}x a float32 one, as on GPUs whose float64"
@@ -502,9 +457,9 @@ def main(argv=None):
     for model_name, (_, weights) in MODELS.items():
         for role, full_shape, _ in weights:
             shape = scaled(full_shape, args.quick)
-            by_precision = {f64: flop_model("adam", shape, EXPERTS, ITERATIONS, f64)
+            by_precision = {f64: solve_flops("adam", shape, EXPERTS, ITERATIONS, f64)
                             for f64 in (True, False)}
-            steps_only = ITERATIONS * flop_model("adam", shape, EXPERTS, 1, True)[torch.float32]
+            steps_only = ITERATIONS * solve_flops("adam", shape, EXPERTS, 1, True)[torch.float32]
             cells = [model_name, role]
             for f64 in (True, False):
                 flops = by_precision[f64]
@@ -519,7 +474,7 @@ def main(argv=None):
                  f"float64 on 1/{SLOW_FLOAT64} GPU, x the steps", f"float32 on 1/{SLOW_FLOAT64} GPU, x the steps"],
                 table)
 
-    mismatches = check_flop_model_both_precisions(device)
+    mismatches = check_solve_flops_both_precisions(device)
     print(f"\nFLOP model against counted FLOPs, both precisions, at 1/8 of 8B's shapes and a"
           f" stacked one: {'agrees' if not mismatches else f'DIFFERS at {mismatches}'}")
 

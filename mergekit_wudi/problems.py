@@ -19,6 +19,7 @@ import torch
 
 from mergekit_wudi import solvers
 from mergekit_wudi.parameters import FLOAT64_MATMULS, Solver
+from mergekit_wudi.progress import solve_progress
 from mergekit_wudi.tensor_rules import Layout, TensorFate
 
 LOG = logging.getLogger(__name__)
@@ -153,24 +154,30 @@ def stack_matrices(fate: TensorFate, matrices: Sequence[torch.Tensor]) -> torch.
 def solve(task_vectors: TaskVectors, parameters: Mapping[str, Any], name: Optional[str] = None) -> torch.Tensor:
     """The merged task vector ``tau_m`` (``[out, in]``) of one problem, by the
     configured solver, on the task vectors' device; ``parameters`` as the kernel
-    receives them. ``placed`` first chooses that device."""
+    receives them. ``placed`` first chooses that device. A long solve shows its
+    progress (``progress``)."""
     solver = parameters["solver"]
-    if solver == Solver.SPECTRAL:
-        return solvers.wudi_spectral(
+    with solve_progress(name) as progress:
+        if solver == Solver.SPECTRAL:
+            return solvers.wudi_spectral(
+                task_vectors,
+                flow_time=parameters["flow_time"],
+                rank_ratio=parameters["rank_ratio"],
+                rank_rule=parameters["rank_rule"],
+                progress=progress,
+            )
+        if solver == Solver.CLOSED_FORM:
+            return solvers.wudi_closed_form(
+                task_vectors, omega=parameters["omega"], name=name, progress=progress
+            )
+        return solvers.wudi_adam(
             task_vectors,
-            flow_time=parameters["flow_time"],
-            rank_ratio=parameters["rank_ratio"],
-            rank_rule=parameters["rank_rule"],
+            iterations=parameters["iterations"],
+            learning_rate=parameters["learning_rate"],
+            float64_matmuls=FLOAT64_MATMULS[parameters["precision"]],
+            name=name,
+            progress=progress,
         )
-    if solver == Solver.CLOSED_FORM:
-        return solvers.wudi_closed_form(task_vectors, omega=parameters["omega"], name=name)
-    return solvers.wudi_adam(
-        task_vectors,
-        iterations=parameters["iterations"],
-        learning_rate=parameters["learning_rate"],
-        float64_matmuls=FLOAT64_MATMULS[parameters["precision"]],
-        name=name,
-    )
 
 
 # Device fit: a problem whose solve (and whatever else is computed from it, such
@@ -193,19 +200,32 @@ def placed(
 
 
 def solve_bytes(task_vectors: TaskVectors, parameters: Mapping[str, Any]) -> int:
-    """Peak bytes of ``solve``, beyond mergekit's inputs. For Adam, in the working
-    dtype its scan will choose (a read of the task vectors' magnitudes)."""
-    out_features, in_features = shape = task_vectors.shape
-    experts = len(task_vectors)
+    """Peak bytes of ``solve`` on these task vectors, beyond mergekit's inputs. For
+    Adam, in the working dtype its scan will choose (a read of their magnitudes)."""
     solver = parameters["solver"]
+    working = solvers.working_dtype(task_vectors) if solver == Solver.ADAM else torch.float32
+    return working_bytes(solver, task_vectors.shape, len(task_vectors), working, task_vectors.dtype)
+
+
+def working_bytes(
+    solver: Solver,
+    shape: Sequence[int],
+    experts: int,
+    dtype: torch.dtype = torch.float32,
+    vectors_dtype: Optional[torch.dtype] = None,
+) -> int:
+    """Peak bytes of one solve of an ``[out, in]`` weight, beyond mergekit's inputs:
+    the solver's (Adam's in its working ``dtype``; the others are float64
+    throughout) and a read of one task vector made in ``vectors_dtype`` (by
+    default ``dtype``)."""
+    out_features, in_features = shape
     if solver == Solver.CLOSED_FORM:
         needed = solvers.closed_form_working_bytes(out_features, in_features, experts)
     elif solver == Solver.SPECTRAL:
         needed = solvers.spectral_working_bytes(out_features, in_features, experts)
     else:
-        dtype = solvers.working_dtype(task_vectors)
         needed = solvers.adam_working_bytes(out_features, in_features, experts, dtype)
-    return needed + reading_bytes(task_vectors)
+    return needed + reading_bytes(shape, vectors_dtype or dtype)
 
 
 def losses_bytes(task_vectors: TaskVectors) -> int:
@@ -215,13 +235,15 @@ def losses_bytes(task_vectors: TaskVectors) -> int:
     statistics = solvers.interference_losses_working_bytes(
         out_features, in_features, len(task_vectors)
     )
-    return statistics + 8 * out_features * in_features + reading_bytes(task_vectors)
+    return (statistics + 8 * out_features * in_features
+            + reading_bytes(task_vectors.shape, task_vectors.dtype))
 
 
-def reading_bytes(task_vectors: TaskVectors) -> int:
-    """A read of one task vector: the base's and the expert's working copies, and the result."""
-    out_features, in_features = task_vectors.shape
-    return 3 * out_features * in_features * (torch.finfo(task_vectors.dtype).bits // 8)
+def reading_bytes(shape: Sequence[int], dtype: torch.dtype) -> int:
+    """A read of one ``[out, in]`` task vector made in ``dtype``: the base's and the
+    expert's working copies, and the result."""
+    out_features, in_features = shape
+    return 3 * out_features * in_features * (torch.finfo(dtype).bits // 8)
 
 
 def free_memory(device: torch.device) -> Optional[int]:

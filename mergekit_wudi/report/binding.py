@@ -158,7 +158,7 @@ def figures_bytes(task_vectors: TaskVectors) -> int:
     """Peak bytes of ``interference_figures`` (float64, beside a solve's result)."""
     out_features, in_features = task_vectors.shape
     return (figures_working_bytes(out_features, in_features, len(task_vectors))
-            + 8 * out_features * in_features + reading_bytes(task_vectors.converted(dtype=torch.float64)))
+            + 8 * out_features * in_features + reading_bytes(task_vectors.shape, torch.float64))
 
 
 # ---------------------------------------------------------------- running mergekit's plan
@@ -211,13 +211,14 @@ class TensorReportTask(Task[TensorReport]):
         return tensor_report(group, parameters, self.experts, self.run_solver)
 
 
-def read_recipe(path: Path) -> Tuple[MergeConfiguration, str]:
-    """The recipe as ``mergekit-yaml`` reads it, and its text; it must be a WUDI merge."""
+def read_recipe(path: Path, tool: str = "the interference report") -> Tuple[MergeConfiguration, str]:
+    """The recipe as ``mergekit-yaml`` reads it, and its text; it must be a WUDI merge
+    (``tool`` names the command in the error)."""
     source = Path(path).read_text(encoding="utf-8")
     config = MergeConfiguration.model_validate(yaml.safe_load(source))
     if config.merge_method != METHOD_NAME:
         raise ValueError(
-            f"{path}: merge_method is {config.merge_method!r}; the interference report reads"
+            f"{path}: merge_method is {config.merge_method!r}; {tool} reads"
             f" recipes with merge_method: {METHOD_NAME}"
         )
     return config, source

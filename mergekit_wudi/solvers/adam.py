@@ -36,6 +36,7 @@ from mergekit_wudi.solvers.products import (
     exact_matmul,
     float64_matmuls_are_fast,
 )
+from mergekit_wudi.solvers.progress import DONE, Progress
 from mergekit_wudi.solvers.statistics import (
     TaskVectorScan,
     prefers_stacked_form,
@@ -63,6 +64,7 @@ def wudi_adam(
     learning_rate: float = DEFAULT_LEARNING_RATE,
     float64_matmuls: Optional[bool] = None,
     name: Optional[str] = None,
+    progress: Optional[Progress] = None,
 ) -> torch.Tensor:
     """Merged task vector tau_m after ``iterations`` Adam steps on Eq. 21.
 
@@ -80,16 +82,24 @@ def wudi_adam(
     vectors' size, so on task vectors much smaller than that it overshoots. If
     the loss ends above its value at the start, the start (the sum, read a third
     time) is returned and a warning naming ``name`` is logged.
+
+    ``progress`` (``solvers.progress``) hears of the setup (C and the residual)
+    as one unit, then of each step.
     """
     if not task_vectors:
         raise ValueError("WUDI needs at least one task vector")
     scan = scan_task_vectors(task_vectors)
-    start = descent_start(task_vectors, scan, iterations, float64_matmuls)
-    if start is None:
+    descent = descent_start(task_vectors, scan, iterations, float64_matmuls, progress)
+    if descent is None:
         return scan.initial
-    gram, residual = start
+    gram, residual = descent
+    steps_done = None
+    if progress is not None:
+        def steps_done(steps: int) -> None:
+            phase = "Adam steps" if steps < iterations else DONE
+            progress(phase, steps + 1, iterations + 1)
     merged = scan.initial  # becomes tau_m in place
-    change = adam_descent(gram, residual, merged, iterations, learning_rate)
+    change = adam_descent(gram, residual, merged, iterations, learning_rate, steps_done)
     if change > 0:
         start = sum_task_vectors(task_vectors, scan.dtype)
         LOG.warning(
@@ -107,9 +117,11 @@ def descent_start(
     scan: TaskVectorScan,
     iterations: int,
     float64_matmuls: Optional[bool],
+    progress: Optional[Progress] = None,
 ) -> Optional[Tuple["Gram", torch.Tensor]]:
     """``wudi_adam``'s setup after its scan: C and R at the sum (``gram_and_residual``),
-    or None where the sum is the answer. ``float64_matmuls`` as ``wudi_adam`` takes it."""
+    or None where the sum is the answer. ``float64_matmuls`` and ``progress`` as
+    ``wudi_adam`` takes them."""
     if scan.active <= 1 or iterations == 0:
         # One expert: tau_m = tau_1 is an exact zero of the gradient, so Adam
         # would never move; skip the rounding noise of evaluating it.
@@ -118,6 +130,8 @@ def descent_start(
         float64_matmuls = float64_matmuls_are_fast(scan.initial.device)
     # Beyond float32's range (extreme magnitudes) everything is float64 anyway.
     float64_matmuls = float64_matmuls or scan.dtype == torch.float64
+    if progress is not None:
+        progress("C and residual", 0, iterations + 1)
     return gram_and_residual(task_vectors, scan, float64_matmuls)
 
 
@@ -263,11 +277,14 @@ def adam_descent(
     anchor: torch.Tensor,
     iterations: int,
     learning_rate: float,
+    steps_done: Optional[Callable[[int], None]] = None,
 ) -> float:
     """``iterations`` Adam steps on Eq. 21 from ``anchor``, which becomes tau_m in place.
 
     ``residual`` (R = anchor C - D, updated in place) and ``gram`` (C) are
     ``gram_and_residual``'s. Returns the change of the loss, L(tau_m) - L(start).
+    ``steps_done(k)``, if given, is told before each step and at the end how many
+    steps are done.
 
     Adam's parameter is the offset tau_m - a itself (Adam's update does not depend
     on its parameter's value), so no step spends a pass forming tau_m. A fold
@@ -300,6 +317,8 @@ def adam_descent(
 
     def gradient_at(step: int) -> torch.Tensor:
         nonlocal gradient
+        if steps_done is not None:
+            steps_done(step - 1)
         if step > 1 and (step - 1) % RESIDUAL_REFRESH_STEPS == 0:
             gradient = None  # its memory is the fold's working space
             fold()
@@ -312,6 +331,8 @@ def adam_descent(
     gradient = None
     fold()
     anchor.add_(offset)
+    if steps_done is not None:
+        steps_done(iterations)
     return change
 
 

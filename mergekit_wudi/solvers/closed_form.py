@@ -4,6 +4,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from mergekit_wudi.solvers.progress import DONE, Progress, silent
 from mergekit_wudi.solvers.statistics import interference_statistics
 
 # Ridge coefficient omega (paper Eq. 20).
@@ -29,17 +30,24 @@ def closed_form_working_bytes(out_features: int, in_features: int, experts: int)
 
 
 def wudi_closed_form(
-    task_vectors: Sequence[torch.Tensor], *, omega: float, name: Optional[str] = None
+    task_vectors: Sequence[torch.Tensor],
+    *,
+    omega: float,
+    name: Optional[str] = None,
+    progress: Optional[Progress] = None,
 ) -> torch.Tensor:
     """WUDI-CFS, paper Eq. 20: the ridge-regularised minimiser, ``omega > 0``.
 
     tau_m (sum_i w_i (tau_i^T tau_i + omega I)) = sum_i w_i tau_i (tau_i^T tau_i + omega I),
     w_i = 1/||tau_i||^2, i.e. tau_m (C + omega sum w I) = D + omega sum_i w_i tau_i.
     ``name`` only labels the error raised when omega is too small to solve.
-    Returns float64.
+    ``progress`` (``solvers.progress``) hears of three phases: C and D, the
+    Cholesky factorisation, the solve. Returns float64.
     """
     if not task_vectors:
         raise ValueError("WUDI needs at least one task vector")
+    report = progress or silent
+    report("C and D", 0, 3)
     stats = interference_statistics(task_vectors, dtype=torch.float64, ridge_term=True)
     if stats.active <= 1:
         return stats.initial
@@ -50,6 +58,7 @@ def wudi_closed_form(
     rhs = stats.target.add_(stats.weighted_sum, alpha=omega)
     del stats
     # system is symmetric positive definite: X system = rhs  <=>  system X^T = rhs^T.
+    report("Cholesky", 1, 3)
     factor, failed = torch.linalg.cholesky_ex(system)
     if failed or float(factor.diagonal().min()) ** 2 < MIN_RELATIVE_PIVOT * active:
         raise ValueError(
@@ -58,4 +67,7 @@ def wudi_closed_form(
             f" without it (omega * mean 1/||tau_i||^2 = {ridge / active:.3g});"
             " raise omega"
         )
-    return torch.cholesky_solve(rhs.T, factor).T
+    report("solve", 2, 3)
+    merged = torch.cholesky_solve(rhs.T, factor).T
+    report(DONE, 3, 3)
+    return merged

@@ -29,10 +29,11 @@ with no division by unclamped eigenvalues. C's other ``in - N out`` eigenvalues 
 
 import math
 from enum import Enum
-from typing import Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
+from mergekit_wudi.solvers.progress import DONE, Progress, silent
 from mergekit_wudi.solvers.statistics import InterferenceStatistics, interference_statistics
 
 DEFAULT_FLOW_TIME = 300.0  # the authors' t for CLIP ViT-B/32 and Llama
@@ -67,22 +68,29 @@ def wudi_spectral(
     flow_time: float = DEFAULT_FLOW_TIME,
     rank_ratio: Union[float, str] = DEFAULT_RANK_RATIO,
     rank_rule: Union[RankRule, str] = RankRule.PARTICIPATION_SQRT,
+    progress: Optional[Progress] = None,
 ) -> torch.Tensor:
     """Merged task vector of spectral WUDI (module docstring), in ``EIGEN_DTYPE``.
 
     ``flow_time`` t >= 0 (``math.inf`` allowed); ``rank_ratio`` in (0, 1] or
     ``"auto"``, with ``rank_rule`` then picking K. All-zero task vectors are left
     out; with one task vector left, or t = 0, the result is the sum exactly.
+    ``progress`` (``solvers.progress``) hears of three phases: C and D, the
+    eigendecomposition, the filter.
     """
     if not task_vectors:
         raise ValueError("WUDI needs at least one task vector")
+    report = progress or silent
+    report("C and D", 0, 3)
     out_features, in_features = task_vectors[0].shape
     stats = interference_statistics(
         task_vectors,
         stacked=prefers_row_space(out_features, in_features, len(task_vectors)),
         dtype=EIGEN_DTYPE,
     )
-    return spectral_solve(stats, flow_time, rank_ratio, rank_rule, EIGEN_DTYPE)
+    merged = spectral_solve(stats, flow_time, rank_ratio, rank_rule, EIGEN_DTYPE, report)
+    report(DONE, 3, 3)
+    return merged
 
 
 def spectral_solve(
@@ -91,13 +99,16 @@ def spectral_solve(
     rank_ratio: Union[float, str],
     rank_rule: Union[RankRule, str],
     dtype: torch.dtype,
+    progress: Progress = silent,
 ) -> torch.Tensor:
-    """``wudi_spectral`` from the statistics (Gram or stacked form), working in ``dtype``."""
+    """``wudi_spectral`` from the statistics (Gram or stacked form), working in ``dtype``;
+    ``progress`` hears of the eigendecomposition and the filter (units 1 and 2 of 3)."""
     start = stats.initial.to(dtype)
     if stats.active <= 1 or flow_time == 0:
         # One expert: the sum is the minimum and every filter leaves it there.
         return start
     out_features, in_features = start.shape
+    progress("eigendecomposition", 1, 3)
     if stats.rows is None:
         eigenvalues, vectors = torch.linalg.eigh(stats.gram.to(dtype))
         null_count = 0
@@ -111,6 +122,7 @@ def spectral_solve(
         eigenvalues.numel(),  # the rest are null directions, which contribute nothing
     )
     eigenvalues, vectors = eigenvalues[-kept:], vectors[:, -kept:]
+    progress("filter", 2, 3)
     # 1 - exp(-lam t), exactly 1 at t = inf (lam >= MIN_EIGENVALUE > 0).
     flow = -torch.expm1(-eigenvalues * flow_time)
     if stats.rows is None:
