@@ -167,3 +167,13 @@ def test_split_products_spend_no_float64_matmuls():
     # Float64: the residual (3 experts' Grams, 3 terms through them) and 6 folds
     # (5 every 50 steps, 1 at the end), each a step's worth: 12 steps' of the 300.
     assert counts[True][torch.float64] == 12 * 2 * 96 * 64**2
+
+
+@pytest.mark.parametrize("scale, share", [(2e-3, (0.15, 0.17)), (1e-2, (0.045, 0.065))])
+def test_the_merged_update_of_low_rank_updates_is_not_low_rank(scale, share):
+    # docs/lora.md: Adam's per-entry steps leave the adapters' span, the more so
+    # the smaller the task vectors are next to the learning rate.
+    taus = low_rank_task_vectors(48, 32, [2, 4, 8], scale=scale)
+    singular = torch.linalg.svdvals(solvers.wudi_adam(taus).double())
+    beyond = float(singular[14:].square().sum().sqrt() / singular.square().sum().sqrt())
+    assert share[0] < beyond < share[1]
