@@ -43,7 +43,8 @@ def has_backend_api() -> bool:
 def matmul_precision() -> Dict[str, str]:
     """The float32 matmul precision now: ``legacy`` (``torch.get_float32_matmul_precision``'s
     stored value, read even where the two APIs disagree and it would raise) and, with
-    the per-backend API, each of ``BACKENDS``' matmul setting."""
+    the per-backend API, each of ``BACKENDS``' matmul setting. To read the legacy
+    value it briefly sets the backends to "ieee" (under the solves' lock)."""
     if not has_backend_api():
         return {"legacy": torch.get_float32_matmul_precision()}
     with _lock:
