@@ -26,7 +26,7 @@ import yaml  # noqa: E402
 from mergekit.options import MergeOptions  # noqa: E402
 
 from benchmarks.llm_scale import wide_layer_family  # noqa: E402
-from benchmarks.solver_speed import print_table, print_total  # noqa: E402
+from benchmarks.solver_speed import print_total  # noqa: E402
 from mergekit_wudi.estimate import predict  # noqa: E402
 from mergekit_wudi.parameters import Solver  # noqa: E402
 
@@ -49,15 +49,11 @@ def measured_seconds(recipe: Path, out: Path) -> float:
     return time.perf_counter() - start
 
 
-def compare(paths, solvers, iterations: int, directory: Path):
-    """[(solver, predicted s, measured s)] for each solver."""
-    rows = []
-    for solver in solvers:
-        recipe = write_recipe(directory / f"{solver}.yml", paths, solver, iterations)
-        predicted = predict(recipe, MergeOptions()).solvers[Solver(solver)].seconds
-        measured = measured_seconds(recipe, directory / f"out-{solver}")
-        rows.append((solver, predicted, measured))
-    return rows
+def compare(paths, solver: str, iterations: int, directory: Path):
+    """(predicted s, measured s) of one solver's merge."""
+    recipe = write_recipe(directory / f"{solver}.yml", paths, solver, iterations)
+    predicted = predict(recipe, MergeOptions()).solvers[Solver(solver)].seconds
+    return predicted, measured_seconds(recipe, directory / f"out-{solver}")
 
 
 def main(argv=None):
@@ -65,17 +61,21 @@ def main(argv=None):
     parser.add_argument("--iterations", type=int, default=300, help="Adam's steps (default 300)")
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--intermediate", type=int, default=7168)
+    parser.add_argument("--solvers", nargs="+", default=[solver.value for solver in Solver],
+                        choices=[solver.value for solver in Solver])
     args = parser.parse_args(argv)
     started = time.perf_counter()
     paths = wide_layer_family(args.hidden, args.intermediate, 3)
     print(f"# mergekit-wudi-estimate against mergekit-yaml: one Llama layer, hidden {args.hidden},"
           f" intermediate {args.intermediate}, 3 experts, float32, Adam {args.iterations} steps\n")
     print(f"CPU, {torch.get_num_threads()} threads on {os.cpu_count()} cores; torch"
-          f" {torch.__version__}; load average at start {os.getloadavg()[0]:.2f}\n")
+          f" {torch.__version__}; load average at start {os.getloadavg()[0]:.2f}\n", flush=True)
+    print("| solver | predicted s | measured s | predicted / measured |\n|---|---|---|---|", flush=True)
     with tempfile.TemporaryDirectory() as directory:
-        rows = compare(paths, [solver.value for solver in Solver], args.iterations, Path(directory))
-    print_table(["solver", "predicted s", "measured s", "predicted / measured"],
-                [[solver, f"{p:.1f}", f"{m:.1f}", f"{p / m:.2f}"] for solver, p, m in rows])
+        for solver in args.solvers:
+            predicted, measured = compare(paths, solver, args.iterations, Path(directory))
+            print(f"| {solver} | {predicted:.1f} | {measured:.1f} | {predicted / measured:.2f} |",
+                  flush=True)
     print_total(started)
 
 

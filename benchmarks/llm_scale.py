@@ -298,28 +298,25 @@ def wide_layer_family(hidden: int, intermediate: int, experts: int) -> List[Path
     """A one-layer Llama base and ``experts`` perturbed copies, built once under benchmarks/.cache."""
     import transformers
 
-    from mergekit_wudi.demo import perturb, save_tokenizer
+    from mergekit_wudi.demo import write_family
 
     transformers.utils.logging.disable_progress_bar()
-    root = REPO_ROOT / "benchmarks" / ".cache" / f"llm_scale_layer_{hidden}"
-    config = transformers.LlamaConfig(
+    root = REPO_ROOT / "benchmarks" / ".cache" / f"llm_scale_layer_{hidden}_{intermediate}"
+    paths = [root / "base"] + [root / f"expert_{i}" for i in range(1, experts + 1)]
+    if all((path / "model.safetensors").exists() for path in paths):
+        return paths
+    return write_family(root, "llama", experts, config=wide_layer_config(hidden, intermediate))
+
+
+def wide_layer_config(hidden: int, intermediate: int):
+    """One Llama layer ``hidden`` wide, a vocabulary of 1024."""
+    import transformers
+
+    return transformers.LlamaConfig(
         vocab_size=1024, hidden_size=hidden, intermediate_size=intermediate,
         num_hidden_layers=1, num_attention_heads=hidden // 128 or 2,
         num_key_value_heads=max(1, hidden // 512), tie_word_embeddings=False,
     )
-    paths = [root / "base"] + [root / f"expert_{i}" for i in range(1, experts + 1)]
-    if not all((path / "model.safetensors").exists() for path in paths):
-        torch.manual_seed(0)
-        model = transformers.LlamaForCausalLM(config)
-        model.config.architectures = ["LlamaForCausalLM"]
-        state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-        for index, path in enumerate(paths):
-            model.load_state_dict(state)
-            if index:
-                perturb(model, seed=index)
-            model.save_pretrained(path)
-            save_tokenizer(path, config.vocab_size)
-    return paths
 
 
 def mergekit_memory(quick: bool):

@@ -153,12 +153,13 @@ def perturb(model: torch.nn.Module, seed: int, scale: float = 0.02, rank: int = 
 
 def write_family(
     directory: os.PathLike, architecture: str = "llama", experts: int = 3, seed: int = 0,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype = torch.float32, config=None,
 ) -> List[Path]:
-    """Save ``base`` and ``expert_1..N`` under ``directory``; returns their paths."""
+    """Save ``base`` and ``expert_1..N`` under ``directory``; returns their paths.
+    ``config`` (a transformers config of ``architecture``) replaces the tiny one."""
     directory = Path(directory)
     torch.manual_seed(seed)
-    model = model_class(architecture)(tiny_config(architecture)).to(dtype)
+    model = model_class(architecture)(config or tiny_config(architecture)).to(dtype)
     # Mergekit reads the declared architecture; transformers 5 may leave it unset.
     model.config.architectures = [type(model).__name__]
     base_state = {name: tensor.clone() for name, tensor in model.state_dict().items()}

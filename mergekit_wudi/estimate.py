@@ -3,14 +3,15 @@
 The recipe is read as ``mergekit-yaml`` reads it and planned by mergekit's own
 ``MergePlanner`` (per-tensor filters and layer gradients resolve as in the merge);
 of the checkpoints only the safetensors headers are read (shapes and dtypes, no
-tensor data). The device's float32 and float64 matmul rates and its reading and
-writing rate are measured in a few seconds. Each tensor WUDI would solve (the
-kernel's rule, ``tensor_rules.tensor_fate``) costs its solver's FLOPs
-(``solvers.costs.solve_flops``) at those rates; every tensor costs what task
+tensor data). The device's float32 and float64 matmul rates, its memory bandwidth
+and its reading and writing rate are measured in a few seconds. Each tensor WUDI
+would solve (the kernel's rule, ``tensor_rules.tensor_fate``) costs its solver's
+FLOPs (``solvers.costs.solve_flops``) at those rates, and its elementwise passes
+(``solvers.costs.streamed_bytes``) at that bandwidth; every tensor costs what task
 arithmetic costs (read the inputs, write the output), and the merge costs
 mergekit's start. Printed per solver: the whole merge, its slowest tensor, and
-the peak working memory of one solve (``problems.working_bytes``, beyond
-mergekit's inputs).
+the largest solve's working memory (``problems.working_bytes``, beyond mergekit's
+inputs), alone and with that tensor's inputs as stored.
 """
 
 import argparse
@@ -35,7 +36,13 @@ from mergekit_wudi import solvers
 from mergekit_wudi.parameters import FLOAT64_MATMULS, PARAMETERS, Solver
 from mergekit_wudi.problems import working_bytes
 from mergekit_wudi.report.binding import read_recipe
-from mergekit_wudi.solvers.costs import ideal_seconds, matmul_rates, solve_flops
+from mergekit_wudi.solvers.costs import (
+    ideal_seconds,
+    matmul_rates,
+    memory_rate,
+    solve_flops,
+    streamed_bytes,
+)
 from mergekit_wudi.tensor_rules import Layout, tensor_fate
 
 CALIBRATION_SIZE = 2048  # [n, n] matmuls: a fraction of a second each on a CPU
@@ -143,7 +150,8 @@ def io_rate(directory: Path) -> float:
 def start_seconds() -> float:
     """mergekit's start: a fresh interpreter importing what ``mergekit-yaml`` imports."""
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import mergekit.merge, mergekit_wudi"], check=True)
+    subprocess.run([sys.executable, "-c", "import mergekit.scripts.run_yaml, mergekit_wudi"],
+                   check=True)
     return time.perf_counter() - start
 
 
@@ -153,25 +161,29 @@ class Estimate:
     seconds: float  # the whole merge
     slowest: Optional[str]
     slowest_seconds: float
-    peak_bytes: int
+    peak_bytes: int  # the largest solve's working memory
+    peak_with_inputs: int  # the same, plus that tensor's inputs as stored
 
 
-def estimate(tensors: Sequence[PlannedTensor], solver: Solver, rates, float64_fast: bool,
-             arithmetic_seconds: float) -> Estimate:
+def estimate(tensors: Sequence[PlannedTensor], solver: Solver, rates, bandwidth: float,
+             float64_fast: bool, arithmetic_seconds: float) -> Estimate:
     """The merge's time with every WUDI tensor solved by ``solver``."""
-    total, slowest, slowest_seconds, peak = arithmetic_seconds, None, 0.0, 0
+    total, slowest, slowest_seconds, peak, with_inputs = arithmetic_seconds, None, 0.0, 0, 0
     for tensor in tensors:
         seconds = 0.0
         for shape in tensor.problems:
             precision = FLOAT64_MATMULS[tensor.parameters["precision"]]
             flops = solve_flops(solver.value, shape, tensor.experts, tensor.parameters["iterations"],
                                 float64_fast if precision is None else precision)
-            seconds += ideal_seconds(flops, rates)
-            peak = max(peak, working_bytes(solver, shape, tensor.experts, torch.float32))
+            seconds += ideal_seconds(flops, rates) + streamed_bytes(
+                solver.value, shape, tensor.experts, tensor.parameters["iterations"]) / bandwidth
+            needed = working_bytes(solver, shape, tensor.experts, torch.float32)
+            peak = max(peak, needed)
+            with_inputs = max(with_inputs, needed + tensor.read_bytes)
         total += seconds
         if seconds > slowest_seconds:
             slowest, slowest_seconds = tensor.name, seconds
-    return Estimate(solver, total, slowest, slowest_seconds, peak)
+    return Estimate(solver, total, slowest, slowest_seconds, peak, with_inputs)
 
 
 def duration(seconds: float) -> str:
@@ -187,6 +199,7 @@ class Prediction:
     tensors: List[PlannedTensor]
     unknown: List[str]
     rates: Dict[torch.dtype, float]
+    bandwidth: float
     io_rate: float
     start_seconds: float
     moved_bytes: int
@@ -200,6 +213,7 @@ def predict(recipe: Path, options: MergeOptions) -> Prediction:
     device = torch.device(options.device)
     tensors, unknown = plan(config, options)
     rates = matmul_rates(device, CALIBRATION_SIZE)
+    bandwidth = memory_rate(device)
     with tempfile.TemporaryDirectory() as directory:
         rate = io_rate(Path(directory))
     started = start_seconds()
@@ -207,8 +221,9 @@ def predict(recipe: Path, options: MergeOptions) -> Prediction:
     arithmetic = started + moved / rate
     float64_fast = solvers.float64_matmuls_are_fast(device)
     return Prediction(
-        tensors, unknown, rates, rate, started, moved, arithmetic,
-        {solver: estimate(tensors, solver, rates, float64_fast, arithmetic) for solver in Solver},
+        tensors, unknown, rates, bandwidth, rate, started, moved, arithmetic,
+        {solver: estimate(tensors, solver, rates, bandwidth, float64_fast, arithmetic)
+         for solver in Solver},
     )
 
 
@@ -230,22 +245,26 @@ def main(argv=None) -> None:
           f" ({sum(len(t.problems) for t in solved)} matrices), the rest task arithmetic;"
           f" {result.moved_bytes / 2**30:.2f} GiB read and written")
     print(f"{args.device}: float32 matmul {result.rates[torch.float32] / 1e9:.0f} GFLOP/s,"
-          f" float64 {result.rates[torch.float64] / 1e9:.0f} GFLOP/s, files"
+          f" float64 {result.rates[torch.float64] / 1e9:.0f} GFLOP/s, memory"
+          f" {result.bandwidth / 2**30:.1f} GiB/s, files"
           f" {result.io_rate / 2**20:.0f} MiB/s, mergekit's start {result.start_seconds:.1f} s"
           " (measured now)")
     if result.unknown:
         print(f"not estimated (no tensor of that name in the base's safetensors headers):"
               f" {len(result.unknown)}, e.g. {result.unknown[0]}")
     print(f"\ntask arithmetic (start, reading and writing): {duration(result.arithmetic_seconds)}\n")
-    print("| solver | whole merge | slowest tensor | its solve | peak working memory of a solve |")
-    print("|---|---|---|---|---|")
+    print("| solver | whole merge | slowest tensor | its solve | largest solve's working memory"
+          " | with that tensor's inputs |")
+    print("|---|---|---|---|---|---|")
     recipe_solvers = {tensor.parameters["solver"] for tensor in solved}
     for solver, guess in result.solvers.items():
         marker = " (the recipe's)" if solver in recipe_solvers else ""
         print(f"| {solver.value}{marker} | {duration(guess.seconds)} | {guess.slowest or '-'}"
-              f" | {duration(guess.slowest_seconds)} | {guess.peak_bytes / 2**30:.2f} GiB |")
-    print("\nSolves at the measured matmul rates (their FLOPs: solvers.costs); per-tensor"
-          " parameters (iterations, precision) as the recipe resolves them.")
+              f" | {duration(guess.slowest_seconds)} | {guess.peak_bytes / 2**30:.2f} GiB"
+              f" | {guess.peak_with_inputs / 2**30:.2f} GiB |")
+    print("\nSolves: their FLOPs at the measured matmul rates and their elementwise passes at"
+          " the measured bandwidth (solvers.costs); per-tensor parameters (iterations,"
+          " precision) as the recipe resolves them. The machine is assumed as busy as now.")
 
 
 if __name__ == "__main__":

@@ -67,3 +67,4 @@ def test_a_recipe_of_another_method_is_refused(families, tmp_path):
         {"model": str(path), "parameters": {"weight": 1.0}} for path in families("llama")]}))
     with pytest.raises(ValueError, match="mergekit-wudi-estimate reads recipes with merge_method: wudi"):
         read_recipe(recipe, tool="mergekit-wudi-estimate")
+

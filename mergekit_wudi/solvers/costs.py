@@ -1,4 +1,5 @@
-"""What one solve costs: matrix-product FLOPs by dtype, from the solvers' structure.
+"""What one solve costs: matrix-product FLOPs by dtype, from the solvers' structure,
+and the bytes its elementwise passes stream.
 
 ``benchmarks/llm_scale.py`` checks ``solve_flops`` against the FLOPs counted in
 real solves (every 8B shape, both precisions); ``mergekit-wudi-estimate`` turns
@@ -57,6 +58,37 @@ def spectral_flops(m: int, n: int, experts: int) -> int:
     # U^T S, and the coefficients through it.
     return (experts * 4 * m * m * n + 2 * s * s * n + 9 * s**3 + experts * 4 * m * n * s
             + 2 * s * s * n + 2 * m * s * n)
+
+
+def streamed_bytes(solver: str, shape, experts: int, iterations: int) -> int:
+    """Bytes one solve streams through memory outside its matmuls (a rough count).
+
+    Each task vector is made (``expert - base``) and read by the statistics
+    twice, in float64 where the products are: about six float64 passes over
+    ``[out, in]`` per expert; each Adam step adds the fused update's seven float32
+    passes (four tensors read, three written) and the gradient's two. At small
+    shapes these passes cost as much as the step's matmul.
+    """
+    entries = shape[0] * shape[1]
+    statistics = experts * 6 * 8 * entries
+    if solver == "adam" and iterations and experts > 1:
+        return statistics + iterations * 9 * 4 * entries
+    return statistics
+
+
+def memory_rate(device: torch.device, entries: int = 2**22, calls: int = 5) -> float:
+    """Bytes per second of an elementwise float32 pass (``a += b``) on ``device``."""
+    a = torch.zeros(entries, device=device)
+    b = torch.ones(entries, device=device)
+    a += b  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        a += b
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return calls * 3 * 4 * entries / (time.perf_counter() - start)
 
 
 def matmul_rates(device: torch.device, size: int, calls: int = 3) -> Dict[torch.dtype, float]:
