@@ -325,15 +325,43 @@ class Warnings(logging.Handler):
 
 
 @contextlib.contextmanager
+def solve_peaks(device: torch.device, peaks: list):
+    """Appends to ``peaks`` the bytes each solve of the kernel allocates on
+    ``device`` beyond what was allocated before it (its result included)."""
+    from mergekit_wudi import method
+
+    real = method.solve
+
+    def measured(*args, **kwargs):
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        result = real(*args, **kwargs)
+        torch.cuda.synchronize(device)
+        peaks.append(torch.cuda.max_memory_allocated(device) - before)
+        return result
+
+    method.solve = measured
+    try:
+        yield
+    finally:
+        method.solve = real
+
+
+@contextlib.contextmanager
 def free_memory_left(device: torch.device, free: int):
     """The device's free memory brought down to about ``free`` bytes: on CUDA by
-    holding a tensor of the rest (the real allocator reports it), on the CPU,
+    holding tensors of the rest (the real allocator reports it), on the CPU,
     which has no such limit, by injecting it into ``problems.free_memory``."""
     from mergekit_wudi import problems
 
     if device.type == "cuda":
-        held = torch.empty(max(0, problems.free_memory(device) - free), dtype=torch.uint8,
-                           device=device)
+        held = []  # in chunks: one allocation of nearly all the free memory may fail
+        try:
+            while (excess := problems.free_memory(device) - free) > 0:
+                held.append(torch.empty(min(excess, 2**30), dtype=torch.uint8, device=device))
+        except torch.cuda.OutOfMemoryError:
+            pass  # as full as it gets; the check reports the free memory it saw
         try:
             yield problems.free_memory(device)
         finally:
@@ -365,7 +393,7 @@ def device_fit_part(sizes: Sizes) -> int:
     handler = Warnings()
     logging.getLogger("mergekit_wudi.problems").addHandler(handler)
     failures = []
-    header = ["solver", "estimated GiB", "peak allocated GiB (fits)", "free GiB (filled)",
+    header = ["solver", "estimated GiB", "solve's peak allocated GiB (fits)", "free GiB (filled)",
               "warned", "result on", "diff to CPU merge"]
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header), flush=True)
     for solver in Solver:
@@ -373,13 +401,11 @@ def device_fit_part(sizes: Sizes) -> int:
         needed = problems.working_bytes(solver, shape, EXPERTS, torch.float32)
         cpu = merge_tensors([t.cpu() for t in tensors], "wudi", base_index=0, name=name,
                             parameters=parameters)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            before = torch.cuda.memory_allocated(device)
         handler.messages.clear()
-        fitted = merge_tensors(tensors, "wudi", base_index=0, name=name, parameters=parameters)
-        peak = (torch.cuda.max_memory_allocated(device) - before) if device.type == "cuda" else None
+        peaks = []
+        with solve_peaks(device, peaks) if device.type == "cuda" else contextlib.nullcontext():
+            fitted = merge_tensors(tensors, "wudi", base_index=0, name=name, parameters=parameters)
+        peak = peaks[0] if peaks else None
         if handler.messages:
             failures.append(f"{solver.value}: warned although it fits: {handler.messages}")
         if peak is not None and peak > needed:
@@ -414,6 +440,8 @@ def run_part(part: str, dry_run: bool, out: Path, timeout: int) -> tuple:
     command = [sys.executable, __file__, "--part", part] + (["--dry-run"] if dry_run else [])
     environment = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
                    "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    if dry_run:  # tiny tensors: threads would only spin, on a CI machine shared with others
+        environment.setdefault("OMP_NUM_THREADS", "1")
     started = time.perf_counter()
     with open(out / f"gpu_{part}.txt", "w") as output:
         process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT,

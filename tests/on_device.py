@@ -28,7 +28,8 @@ class TensorsOn(TorchFunctionMode):
         if func in _device_constructors() and kwargs.get("device") is None:
             generator = kwargs.get("generator")
             if generator is not None:
-                return func(*args, **kwargs, device=generator.device).to(self.device)
+                kwargs["device"] = generator.device
+                return func(*args, **kwargs).to(self.device)
             kwargs["device"] = self.device
         return func(*args, **kwargs)
 
