@@ -73,26 +73,30 @@ def children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def timed_merge(method: str, paths: list, work: Path, iterations: int, threads) -> tuple:
+def timed_merge(method: str, paths: list, work: Path, parameters=None, threads=None,
+                flags=(), dtype: str = "float32", label=None) -> tuple:
     """(wall, CPU) seconds of one ``mergekit-yaml`` run, process start included.
 
-    CPU time is what other jobs on a shared machine do not inflate. Checks that
-    the weights were written.
+    ``parameters``: the recipe's method parameters; ``flags``: mergekit-yaml's
+    options (e.g. ``--cuda``); ``label`` names the recipe and output (default
+    ``method``). CPU time is what other jobs on a shared machine do not inflate.
+    Checks that the weights were written.
     """
     base, *experts = paths
+    label = label or method
     config = {
         "merge_method": method,
         "base_model": str(base),
         "models": [{"model": str(expert), "parameters": {"weight": 1.0}} for expert in experts],
-        "dtype": "float32",
+        "dtype": dtype,
     }
-    if method == "wudi":
-        config["parameters"] = {"iterations": iterations}
-    config_path = work / f"{method}.yml"
+    if parameters:
+        config["parameters"] = dict(parameters)
+    config_path = work / f"{label}.yml"
     config_path.write_text(yaml.safe_dump(config))
-    out = work / f"merged-{method}"
+    out = work / f"merged-{label}"
     command = [str(Path(sys.executable).parent / "mergekit-yaml"), str(config_path), str(out),
-               "--quiet"]
+               "--quiet", *flags]
     environment = {**os.environ, "HF_HUB_OFFLINE": "1"}
     if threads:
         environment["OMP_NUM_THREADS"] = str(threads)  # torch's CPU thread count
@@ -104,7 +108,7 @@ def timed_merge(method: str, paths: list, work: Path, iterations: int, threads) 
     # mergekit can exit 0 having written no weights (see WUDI_NOTES): check.
     written, expected = tensor_count(out), tensor_count(base)
     if written != expected:
-        raise RuntimeError(f"{method}: {written} tensors written, base has {expected}")
+        raise RuntimeError(f"{label}: {written} tensors written, base has {expected}")
     return elapsed, cpu
 
 
@@ -128,10 +132,10 @@ def main(argv=None) -> None:
           f"load average {os.getloadavg()[0]:.2f}\n")
     work = paths[0].parent / "runs"
     work.mkdir(exist_ok=True)
-    arithmetic_wall, arithmetic = timed_merge(
-        "task_arithmetic", paths, work, args.iterations, args.threads
+    arithmetic_wall, arithmetic = timed_merge("task_arithmetic", paths, work, threads=args.threads)
+    wudi_wall, wudi = timed_merge(
+        "wudi", paths, work, {"iterations": args.iterations}, threads=args.threads
     )
-    wudi_wall, wudi = timed_merge("wudi", paths, work, args.iterations, args.threads)
     solved = 4 * args.layers
     print("| merge_method | wall s | CPU s | CPU vs task_arithmetic |")
     print("|---|---|---|---|")

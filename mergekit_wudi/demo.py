@@ -128,16 +128,18 @@ def save_tokenizer(path: Path, vocab_size: int) -> None:
 
 
 def _matrix_update(rows: int, cols: int, generator: torch.Generator, rank: int) -> torch.Tensor:
-    low_rank = torch.randn(rows, rank, generator=generator) @ torch.randn(
-        rank, cols, generator=generator
+    device = generator.device
+    low_rank = torch.randn(rows, rank, generator=generator, device=device) @ torch.randn(
+        rank, cols, generator=generator, device=device
     )
-    return low_rank / rank**0.5 + 0.3 * torch.randn(rows, cols, generator=generator)
+    return low_rank / rank**0.5 + 0.3 * torch.randn(rows, cols, generator=generator, device=device)
 
 
 def perturb(model: torch.nn.Module, seed: int, scale: float = 0.02, rank: int = 4) -> None:
     """Add a fine-tuning-like update: low rank plus noise on matrices (on each
-    expert's matrix of a fused MoE stack), noise elsewhere."""
-    generator = torch.Generator().manual_seed(seed)
+    expert's matrix of a fused MoE stack), noise elsewhere. Drawn on the model's
+    device (the same values on every CPU; others draw their own)."""
+    generator = torch.Generator(next(model.parameters()).device).manual_seed(seed)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if parameter.ndim == 2:
@@ -147,19 +149,21 @@ def perturb(model: torch.nn.Module, seed: int, scale: float = 0.02, rank: int = 
                     [_matrix_update(*parameter.shape[1:], generator, rank) for _ in parameter]
                 )
             else:
-                update = torch.randn(parameter.shape, generator=generator)
+                update = torch.randn(parameter.shape, generator=generator, device=generator.device)
             parameter.add_(update.to(parameter.dtype), alpha=scale)
 
 
 def write_family(
     directory: os.PathLike, architecture: str = "llama", experts: int = 3, seed: int = 0,
-    dtype: torch.dtype = torch.float32, config=None,
+    dtype: torch.dtype = torch.float32, config=None, device: torch.device = "cpu",
 ) -> List[Path]:
     """Save ``base`` and ``expert_1..N`` under ``directory``; returns their paths.
-    ``config`` (a transformers config of ``architecture``) replaces the tiny one."""
+    ``config``: the model's (default ``tiny_config(architecture)``); ``device``:
+    where the weights are made (a GPU builds a large family in seconds)."""
     directory = Path(directory)
     torch.manual_seed(seed)
-    model = model_class(architecture)(config or tiny_config(architecture)).to(dtype)
+    with torch.device(device):
+        model = model_class(architecture)(config or tiny_config(architecture)).to(dtype)
     # Mergekit reads the declared architecture; transformers 5 may leave it unset.
     model.config.architectures = [type(model).__name__]
     base_state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
