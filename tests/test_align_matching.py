@@ -59,9 +59,11 @@ def _planted(family):
 # Every family at MuDSC's alpha; the two ends (activation only, weight only) on one
 # RoPE family and one fused-qkv family.
 @pytest.mark.parametrize("family, alpha", [(f, 0.5) for f in FAMILIES]
-                         + [(f, a) for f in ("llama", "gpt2") for a in (0.0, 1.0)])
+                         + [(f, a) for f in ("llama", "gpt2") for a in (0.0, 1.0, "weights only")])
 def test_planted_permutation_is_recovered_exactly(family, alpha):
     model, permuted, structure, correlations = _planted(family)
+    if alpha == "weights only":  # plain weight matching from the identity, no activations
+        alpha, correlations = 1.0, None
     assert any(not torch.equal(permuted.state_dict()[n], t) for n, t in model.state_dict().items())
     permutations, _ = match(structure, model.state_dict(), permuted.state_dict(), correlations, alpha)
     permute_model(structure, permuted, permutations)
@@ -84,3 +86,5 @@ def test_alpha_out_of_range_is_refused():
     structure = read_structure(model.config, shapes(model))
     with pytest.raises(ValueError, match="alpha must be in"):
         match(structure, model.state_dict(), model.state_dict(), None, 1.5)
+    with pytest.raises(ValueError, match="alpha 0.5 needs activation correlations"):
+        match(structure, model.state_dict(), model.state_dict(), None, 0.5)

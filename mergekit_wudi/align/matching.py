@@ -120,14 +120,17 @@ def match(
 ) -> Tuple[List[torch.Tensor], float]:
     """MuDSC's alignment: permutations of ``model``'s groups onto ``reference``.
 
-    Start from activation similarity alone (identity when ``alpha`` is 1: plain weight
-    matching); then coordinate descent: visit the chains of groups in random order,
+    Start from activation similarity alone, as the official code does whatever
+    ``alpha`` is; without ``correlations`` (``alpha`` 1 only) from the identity, which is
+    plain weight matching (Git Re-Basin). Then coordinate descent: visit the chains of groups in random order,
     re-solve each group on ``alpha * weight + (1 - alpha) * activation`` with the
     current neighbours, stop after ``patience`` passes without improvement of the mean
     matched similarity, keep the best. Returns (permutations, that mean).
     """
     if not 0 <= alpha <= 1:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if correlations is None and alpha < 1:
+        raise ValueError(f"alpha {alpha} needs activation correlations (only alpha 1 can do without)")
     groups = structure.groups
     permutations = structure.identity()
     activation: Dict[int, torch.Tensor] = {}
@@ -140,7 +143,7 @@ def match(
     chains: Dict[str, List[int]] = {}
     for number, group in enumerate(groups):
         chains.setdefault(group.chain, []).append(number)
-    if alpha < 1:
+    if correlations is not None:
         for chain in progress(list(chains.values()), desc="activation matching", unit="group"):
             for number in chain:
                 permutations[number] = solve(groups[number], activation_of(number))
