@@ -26,7 +26,6 @@ there, not the identity-started weight matching of part (a).
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -266,15 +265,16 @@ def main(argv=None):
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "mergekit_wudi_align_cache")
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096, 11008])
     args = parser.parse_args(argv)
-    path = RESULTS / "align_quality.json"
-    results = json.loads(path.read_text()) if path.exists() else {}
     if args.part == "digits":
-        results["digits"] = run_digits()
+        entry = run_digits()
     elif args.part == "lm":
         args.cache.mkdir(parents=True, exist_ok=True)
-        results["lm"] = run_lm(args.cache)
+        entry = run_lm(args.cache)
     else:
-        results["hungarian"] = run_hungarian(args.sizes)
+        entry = run_hungarian(args.sizes)
+    # Read only now: another part may have finished while this one ran.
+    path = RESULTS / "align_quality.json"
+    results = {**(json.loads(path.read_text()) if path.exists() else {}), args.part: entry}
     path.write_text(json.dumps(results, indent=1) + "\n")
     (RESULTS / "align_quality.md").write_text(render(results))
     print(render(results))
