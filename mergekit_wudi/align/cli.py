@@ -168,14 +168,19 @@ def align(args) -> Path:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mergekit-wudi-align", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="mergekit-wudi-align",
+        description="Permute each MODEL's hidden units into REFERENCE's order (MuDSC; the function is "
+                    "unchanged) and write OUT_DIR/merge.yml, a mergekit recipe averaging them.",
+    )
     p.add_argument("reference", metavar="REFERENCE", help="model directory whose unit order the others take")
     p.add_argument("models", metavar="MODEL", nargs="+", help="model directories to align to REFERENCE")
     p.add_argument("--calibration", nargs="+", required=True, metavar="FILE",
                    help="plain-text files, one document a line, tokenised with REFERENCE's tokenizer")
     p.add_argument("--out", required=True, metavar="OUT_DIR", help="where model-1/, model-2/, ... and merge.yml go")
     p.add_argument("--alpha", type=float, default=0.5,
-                   help="weight-space share of the similarity (1: weight matching, 0: activation matching)")
+                   help="weight-space share of the similarity (default 0.5; 0: activation matching; 1: weight "
+                        "similarity only, from the activation matching start)")
     p.add_argument("--max-tokens", type=int, default=16384, help="calibration tokens used (default 16384)")
     p.add_argument("--device", default="cpu", help="torch device for the forward passes (default cpu)")
     p.add_argument("--cuda", action="store_true", help="same as --device cuda")
