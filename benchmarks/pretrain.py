@@ -144,10 +144,11 @@ class LlamaSize:
         )
 
 
-FULL = LlamaSize(hidden=256, layers=4, heads=8, kv_heads=2, intermediate=688, vocab=4096,
-                 context=128)
-TINY = LlamaSize(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=176, vocab=1024,
-                 context=64)
+# Sized for a shared 2-core CPU: FULL pretrains in a few minutes on one thread.
+FULL = LlamaSize(hidden=128, layers=2, heads=4, kv_heads=2, intermediate=344, vocab=1024,
+                 context=48)
+TINY = LlamaSize(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=176, vocab=512,
+                 context=48)
 LlamaSize.FULL, LlamaSize.TINY = FULL, TINY
 
 
@@ -194,6 +195,8 @@ def pretrained_llama(
     torch.manual_seed(seed)
     tokenizer = train_tokenizer(documents, size.vocab)
     stream = token_stream(tokenizer, documents)
+    log(f"tokenized {len(documents)} documents into {len(stream) / 1e6:.1f}M tokens"
+        f" ({time.perf_counter() - started:.0f} s)")
     model = LlamaForCausalLM(size.config(tokenizer))
     train_causal_lm(model, stream, size.context, steps, batch_size, learning_rate, warmup, seed)
     partial = directory.with_name(directory.name + ".partial")
