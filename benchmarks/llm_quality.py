@@ -130,7 +130,9 @@ class Results:
 
 
 def settings_of(recipe: Merge, random_seed: Optional[int]) -> dict:
-    settings = {**dict(recipe.parameters), **dict(recipe.expert_parameters)}
+    """The recipe's parameters as JSON holds them (an infinite flow_time as "inf")."""
+    settings = {name: "inf" if value == math.inf else value
+                for name, value in (*recipe.parameters, *recipe.expert_parameters)}
     if recipe.method in RANDOM_METHODS:
         settings["random_seed"] = random_seed
     return settings
@@ -191,12 +193,6 @@ def label(row: Mapping) -> str:
                                    else f" {name}={value}"
                                    for name, value in row["settings"].items()
                                    if name not in ("weight", "random_seed"))
-
-
-def best(results: Results, kind: str, method_prefix: str = "") -> dict:
-    rows = [row for row in results.rows if row["experts"] == kind
-            and row["method"].startswith(method_prefix)]
-    return max(rows, key=lambda row: row["normalised"])
 
 
 def find(results: Results, kind: str, method: str, **settings) -> dict:
@@ -327,7 +323,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         name = stem + ("_partial" if partial else "")
         (args.results / f"{name}.md").write_text(report + "\n")
         # JSON: the raw scores, which other programs read; the table and plot are redrawn from it.
-        (args.results / f"{name}.json").write_text(json.dumps(results.to_json(), indent=1) + "\n")
+        (args.results / f"{name}.json").write_text(json.dumps(results.to_json(), indent=1, allow_nan=False) + "\n")
         plot(results, args.results / f"{name}.png")
         if not partial:
             for suffix in ("md", "json", "png"):
