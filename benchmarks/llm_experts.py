@@ -125,9 +125,11 @@ def expert_reference(base: Path, directory: Path, kind: str) -> str:
 
 def prepare_family(cache: Path, seed: int, base_settings: BaseSettings,
                    fine_tunes: Sequence[FineTune], skills: Sequence[SkillData],
-                   log: Callable[[str], None] = lambda line: None) -> Family:
-    """Pretrain (or reuse) the base, then fine-tune (or reuse) every expert."""
-    base = pretrained_base(cache, seed, base_settings, skills, log)
+                   log: Callable[[str], None] = lambda line: None,
+                   pretraining_skills: Optional[Sequence[SkillData]] = None) -> Family:
+    """Pretrain (or reuse) the base, its pretraining mixing in the examples of
+    ``pretraining_skills`` (default: ``skills``), then fine-tune (or reuse) one expert per skill."""
+    base = pretrained_base(cache, seed, base_settings, pretraining_skills or skills, log)
     family = Family(base)
     for settings in fine_tunes:
         family.experts[settings.kind] = {}
