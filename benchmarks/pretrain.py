@@ -145,7 +145,7 @@ class LlamaSize:
 
 
 # Sized for a shared 2-core CPU: FULL pretrains in a few minutes on one thread.
-FULL = LlamaSize(hidden=128, layers=2, heads=4, kv_heads=2, intermediate=344, vocab=1024,
+FULL = LlamaSize(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=344, vocab=1024,
                  context=48)
 TINY = LlamaSize(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=176, vocab=512,
                  context=48)

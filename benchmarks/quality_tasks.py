@@ -437,10 +437,11 @@ class Merge:
     uses_base: bool = True
 
     def config(self, family: Family) -> dict:
+        """The recipe; ``family.experts`` holds paths, or strings such as ``base+adapter``."""
         models = [
-            {"model": str(path.resolve()), **({"parameters": dict(self.expert_parameters)}
-                                              if self.expert_parameters else {})}
-            for path in family.experts.values()
+            {"model": str(model.resolve()) if isinstance(model, Path) else model,
+             **({"parameters": dict(self.expert_parameters)} if self.expert_parameters else {})}
+            for model in family.experts.values()
         ]
         config = {"merge_method": self.method, "models": models, "dtype": "float32"}
         if self.uses_base:
@@ -455,8 +456,11 @@ def console_script(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
 
-def run_merge(merge: Merge, family: Family, out: Path) -> Path:
-    """Run ``mergekit-yaml`` on ``merge``; raises with mergekit's output on failure."""
+def run_merge(merge: Merge, family: Family, out: Path, random_seed: Optional[int] = None,
+              lora_merge_cache: Optional[Path] = None) -> Path:
+    """Run ``mergekit-yaml`` on ``merge`` (``--random-seed`` if given, for DARE's draws;
+    ``--lora-merge-cache`` for ``base+adapter`` experts, applied in float32);
+    raises with mergekit's output on failure."""
     import yaml
 
     out = Path(out)
@@ -466,7 +470,10 @@ def run_merge(merge: Merge, family: Family, out: Path) -> Path:
     config_file.write_text(yaml.safe_dump(merge.config(family), sort_keys=False))
     completed = subprocess.run(
         [console_script("mergekit-yaml"), str(config_file), str(out), "--quiet",
-         "--no-write-model-card", "--no-copy-tokenizer", "-j", "2"],
+         "--no-write-model-card", "--no-copy-tokenizer", "-j", "2",
+         *(["--random-seed", str(random_seed)] if random_seed is not None else []),
+         *(["--lora-merge-cache", str(lora_merge_cache), "--lora-merge-dtype", "float32"]
+           if lora_merge_cache is not None else [])],
         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     if completed.returncode != 0 or not list(out.glob("*.safetensors")):

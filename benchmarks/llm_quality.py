@@ -1,0 +1,370 @@
+"""Offline benchmark of merged generative skills in a causal LM (the paper's Table 3 in miniature).
+
+A small Llama is pretrained here on Debian text (benchmarks/pretrain.py), four
+experts are fine-tuned from it on four generative skills (benchmarks/llm_skills.py),
+once as full fine-tunes and once as LoRA adapters, and every merge runs through
+``mergekit-yaml`` with the recipe a user writes (LoRA experts as ``base+adapter``):
+WUDI over its knobs against mergekit's community methods over theirs. Each merged
+model answers every skill's held-out prompts by greedy decoding, scored by exact
+match and normalised to each skill's own expert.
+
+    apt-get update && apt-get install -y wordnet-base fortunes
+    HF_HUB_OFFLINE=1 python benchmarks/llm_quality.py [--seed 1]
+
+Base and experts are cached under ``benchmarks/.cache/llm_quality`` (a rerun only
+merges); results go to ``benchmarks/results/llm_quality.{md,json,png}`` for the
+default seed and ``llm_quality_seed<N>.*`` for another.
+"""
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
+
+import torch
+
+if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import quality_tasks  # noqa: E402
+from benchmarks.llm_experts import (  # noqa: E402
+    BaseSettings,
+    Family,
+    FineTune,
+    prepare_family,
+    score,
+)
+from benchmarks.llm_skills import SkillData, SkillSizes, build_skills  # noqa: E402
+from benchmarks.pretrain import FULL  # noqa: E402
+from benchmarks.quality import normalised_average  # noqa: E402
+from benchmarks.quality_tasks import Merge  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+CACHE = HERE / ".cache" / "llm_quality"
+RESULTS = HERE / "results"
+DEFAULT_SEED = 0
+
+# The skills' pretraining examples are about a quarter of the base's pretraining tokens
+# (WUDI_NOTES: a base that already reads the prompt formats, so the experts' updates stay small).
+BASE = BaseSettings(FULL, steps=600, max_documents=30_000)
+FINE_TUNES = (FineTune("full", steps=150, learning_rate=3e-4),
+              FineTune("lora", steps=150, learning_rate=2e-3))
+# The base reads all four formats; experts and merges use the two skills its experts learnt
+# (150 steps at lr 3e-4 left addition at 2-7 % and letter reversal at 0, seeds 0 and 1).
+PRETRAINING_SKILLS = ("math", "reverse", "code", "numbers")
+BENCHMARK_SKILLS = ("code", "numbers")
+SIZES = SkillSizes(pretrain=4000, train=2000, test=200)
+# The share of the experts' skill the best merge must keep before methods are compared
+# (WUDI_NOTES: below it every merge answers in one expert's format and nothing is told apart).
+SKILL_KEPT_CHECK = 50.0
+# Methods whose draws are random (DARE's drops, DELLA's): mergekit-yaml --random-seed.
+RANDOM_METHODS = {"dare_ties", "dare_linear", "della"}
+
+Scores = Dict[str, float]
+
+
+def merge(method: str, uses_base: bool = True, **parameters) -> Merge:
+    """A recipe: ``weight``/``density``/``epsilon``/``gamma`` go on every model, the rest global."""
+    per_model = {"weight", "density", "epsilon", "gamma"}
+    label = method + "".join(f" {name}={value:g}" if isinstance(value, float) else f" {name}={value}"
+                             for name, value in parameters.items() if name != "weight")
+    return Merge(label, method,
+                 tuple((name, value) for name, value in parameters.items() if name not in per_model),
+                 tuple((name, value) for name, value in parameters.items() if name in per_model),
+                 uses_base)
+
+
+def full_merges() -> List[Merge]:
+    """WUDI over its knobs; each community method at its defaults and over its main knob."""
+    spectral_llm = dict(solver="spectral", flow_time=math.inf, rank_ratio="auto",
+                        rank_rule="gavish_donoho")
+    # Ordered so that a run cut short still compares the main recipes.
+    return [
+        merge("wudi"),
+        merge("task_arithmetic", weight=1.0, **{"lambda": 1.0}),
+        merge("wudi", **spectral_llm),  # ASWUDI, full LLM fine-tunes
+        merge("task_arithmetic", weight=1.0, **{"lambda": 0.3}),
+        merge("ties", weight=1.0, density=0.5),
+        # DARE at density 1 (mergekit's default) drops nothing: 0.5 is the usual recipe.
+        merge("dare_ties", weight=1.0, density=0.5, **{"lambda": 1.0}),
+        merge("wudi", **{"lambda": 0.3}),
+        # DELLA's density must keep density +- epsilon (0.15) inside (0, 1): 1.0 is invalid.
+        merge("della", weight=1.0, density=0.5),
+        merge("linear", uses_base=False, weight=1.0),
+        merge("wudi", solver="closed_form"),
+        merge("model_stock"),
+        merge("sce", select_topk=0.1),
+        merge("dare_linear", weight=1.0, density=0.5, **{"lambda": 0.5}),
+        merge("breadcrumbs_ties", weight=1.0),
+        merge("wudi", **{"lambda": 0.5}),
+        merge("task_arithmetic", weight=1.0, **{"lambda": 0.5}),
+        merge("wudi", solver="spectral"),
+        merge("ties", weight=1.0, density=1.0),
+        merge("dare_ties", weight=1.0, density=0.5, **{"lambda": 0.5}),
+        merge("wudi", learning_rate=1e-4),
+        merge("sce", select_topk=1.0),
+        merge("dare_linear", weight=1.0, density=0.5, **{"lambda": 1.0}),
+        merge("breadcrumbs_ties", weight=1.0, **{"lambda": 0.5}),
+        merge("wudi", solver="spectral", flow_time=300.0, rank_ratio=0.85),  # SWUDI, Llama
+        merge("task_arithmetic", weight=1.0, **{"lambda": 0.2}),
+        merge("wudi", **{"lambda": 0.7}),
+    ]
+
+
+@dataclass
+class Results:
+    skills: List[str]
+    base: Scores
+    experts: Dict[str, Dict[str, Scores]]  # kind -> expert's skill -> scores on every skill
+    rows: List[dict]
+
+    def own_expert(self, kind: str) -> Scores:
+        """Each skill's accuracy in its own expert: the normalisation."""
+        return {skill: self.experts[kind][skill][skill] for skill in self.skills}
+
+    def to_json(self) -> dict:
+        return {"skills": self.skills, "experts": self.experts, "base": self.base, "rows": self.rows}
+
+
+def settings_of(recipe: Merge, random_seed: Optional[int]) -> dict:
+    """The recipe's parameters as JSON holds them (an infinite flow_time as "inf")."""
+    settings = {name: "inf" if value == math.inf else value
+                for name, value in (*recipe.parameters, *recipe.expert_parameters)}
+    if recipe.method in RANDOM_METHODS:
+        settings["random_seed"] = random_seed
+    return settings
+
+
+def run_benchmark(cache: Path, seed: int, skills: Sequence[SkillData], base: BaseSettings,
+                  fine_tunes: Sequence[FineTune], merges: Sequence[Merge],
+                  log: Callable[[str], None] = print,
+                  on_row: Callable[["Results"], None] = lambda results: None,
+                  pretraining_skills: Optional[Sequence[SkillData]] = None) -> Results:
+    """Scores of the base, the experts, and every merge of both expert kinds; ``on_row``
+    sees the results after each recipe."""
+    family = prepare_family(cache, seed, base, fine_tunes, skills, log, pretraining_skills)
+    names = [data.name for data in skills]
+    results = Results(names, score(str(family.base), family, skills), {}, [])
+    for kind, experts in family.experts.items():
+        results.experts[kind] = {skill: score(reference, family, skills)
+                                 for skill, reference in experts.items()}
+        check_learnt(kind, results.own_expert(kind), results.base)
+        log(f"{kind} experts on their own skills: {results.own_expert(kind)};"
+            f" base: {results.base}")
+    for recipe in merges:  # both kinds per recipe: a run cut short has rows of both
+        for kind, experts in family.experts.items():
+            started = time.perf_counter()
+            view = quality_tasks.Family(family.base, experts, {})
+            scores = merge_and_score(recipe, view, family, skills, cache / f"merged-seed{seed}", seed)
+            row = {"method": recipe.method, "settings": settings_of(recipe, seed), "experts": kind,
+                   "scores": scores, "average": sum(scores.values()) / len(scores),
+                   "normalised": normalised_average(scores, results.own_expert(kind))}
+            results.rows.append(row)
+            log(f"{kind} {recipe.label}: {row['normalised']:.1f} normalised"
+                f" ({time.perf_counter() - started:.0f} s)")
+        on_row(results)
+    return results
+
+
+def check_learnt(kind: str, own: Scores, base: Scores) -> None:
+    """Each expert must beat the base on its skill: it is what the merges are normalised by."""
+    unlearnt = [skill for skill in own if own[skill] <= base[skill]]
+    if unlearnt:
+        raise RuntimeError(f"{kind} experts did not learn {unlearnt} (own expert {own},"
+                           f" base {base}): nothing to merge")
+
+
+def merge_and_score(recipe: Merge, view: quality_tasks.Family, family: Family,
+                    skills: Sequence[SkillData], scratch: Path, seed: int) -> Scores:
+    random_seed = seed if recipe.method in RANDOM_METHODS else None
+    adapters = any("+" in model for model in view.experts.values())
+    out = quality_tasks.run_merge(recipe, view, scratch / "model", random_seed,
+                                  scratch / "lora" if adapters else None)
+    try:
+        return score(str(out), family, skills)
+    finally:
+        shutil.rmtree(out)  # only the scores are kept
+
+
+def label(row: Mapping) -> str:
+    return row["method"] + "".join(f" {name}={value:g}" if isinstance(value, float)
+                                   else f" {name}={value}"
+                                   for name, value in row["settings"].items()
+                                   if name not in ("weight", "random_seed"))
+
+
+def find(results: Results, kind: str, method: str, **settings) -> dict:
+    """The row of ``method`` with exactly ``settings`` (weight and random_seed aside)."""
+    for row in results.rows:
+        shown = {name: value for name, value in row["settings"].items()
+                 if name not in ("weight", "random_seed")}
+        if row["experts"] == kind and row["method"] == method and shown == settings:
+            return row
+    raise KeyError(f"no {kind} row {method} {settings}")
+
+
+def markdown_tables(results: Results) -> List[str]:
+    skills = results.skills
+    header = "| " + " | ".join(["model", *skills, "average", "normalised"]) + " |"
+    rule = "|---" * (len(skills) + 3) + "|"
+    lines: List[str] = []
+    for kind in results.experts:
+        own = results.own_expert(kind)
+        lines += [f"### {kind} experts", "", header, rule]
+        for skill, scores in results.experts[kind].items():
+            lines.append(f"| {skill} expert | " + " | ".join(f"{scores[name]:.3f}" for name in skills)
+                         + f" | {sum(scores.values()) / len(scores):.3f} | |")
+        base = results.base
+        lines.append("| base | " + " | ".join(f"{base[name]:.3f}" for name in skills)
+                     + f" | {sum(base.values()) / len(base):.3f} |"
+                     f" {normalised_average(base, own):.1f} |")
+        rows = sorted((row for row in results.rows if row["experts"] == kind),
+                      key=lambda row: -row["normalised"])
+        for row in rows:
+            lines.append(f"| {label(row)} | " + " | ".join(f"{row['scores'][name]:.3f}" for name in skills)
+                         + f" | {row['average']:.3f} | {row['normalised']:.1f} |")
+        lines.append("")
+    return lines
+
+
+def summary(results: Results) -> List[str]:
+    """The check, then WUDI against the rest, per kind; lines of rows not (yet) run are left out."""
+    lines = []
+    for kind in results.experts:
+        rows = [row for row in results.rows if row["experts"] == kind]
+        if not rows:
+            continue
+        top = max(rows, key=lambda row: row["normalised"])
+        base = normalised_average(results.base, results.own_expert(kind))
+        kept = top["normalised"] >= SKILL_KEPT_CHECK
+        lines.append(
+            f"- **{kind} experts.** Check before comparing: the best merge ({label(top)}) keeps"
+            f" {top['normalised']:.1f}% of the experts' skill (base {base:.1f}%):"
+            f" {'passed' if kept else 'FAILED'} (needs {SKILL_KEPT_CHECK:g}%).")
+        wudi = [row for row in rows if row["method"] == "wudi"]
+        others = [row for row in rows if row["method"] != "wudi"]
+        if wudi and others:
+            top_wudi = max(wudi, key=lambda row: row["normalised"])
+            top_other = max(others, key=lambda row: row["normalised"])
+            lines.append(
+                f"  Best WUDI: {label(top_wudi)} {top_wudi['normalised']:.1f}; best other method:"
+                f" {label(top_other)} {top_other['normalised']:.1f}"
+                f" ({top_wudi['normalised'] - top_other['normalised']:+.1f} points).")
+        try:
+            defaults, arithmetic = find(results, kind, "wudi"), find(
+                results, kind, "task_arithmetic", **{"lambda": 1.0})
+            lines.append(f"  WUDI at its defaults {defaults['normalised']:.1f}; task arithmetic"
+                         f" at lambda 1 {arithmetic['normalised']:.1f}.")
+        except KeyError:
+            pass
+    return lines
+
+
+def plot(results: Results, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = list(results.experts)
+    count = max(sum(row["experts"] == kind for row in results.rows) for kind in kinds)
+    figure, axes = plt.subplots(1, len(kinds), figsize=(7 * len(kinds), 0.28 * count + 1.5),
+                                squeeze=False)
+    for axis, kind in zip(axes[0], kinds):
+        rows = sorted((row for row in results.rows if row["experts"] == kind),
+                      key=lambda row: row["normalised"])
+        colours = ["tab:red" if row["method"] == "wudi" else "tab:grey" for row in rows]
+        bars = axis.barh(range(len(rows)), [row["normalised"] for row in rows], color=colours)
+        axis.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
+        base = normalised_average(results.base, results.own_expert(kind))
+        axis.axvline(base, color="black", linestyle="--", linewidth=0.8, label=f"base {base:.1f}")
+        axis.axvline(100, color="black", linewidth=0.8)
+        axis.set_yticks(range(len(rows)))
+        axis.set_yticklabels([label(row) for row in rows], fontsize=7)
+        axis.set_xlabel("normalised accuracy, % of each skill's own expert (red: WUDI)")
+        axis.set_title(f"{kind} experts, {len(results.skills)} skills")
+        axis.legend(loc="lower right", fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def result_stem(seed: int) -> str:
+    return "llm_quality" if seed == DEFAULT_SEED else f"llm_quality_seed{seed}"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                        help="pretraining, fine-tuning, data splits and DARE's draws")
+    parser.add_argument("--cache", type=Path, default=CACHE)
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    # One thread, here and in mergekit-yaml: models this small gain little from two, and on
+    # a shared machine two threads per process spin against each other (30x slower here).
+    torch.set_num_threads(1)
+    os.environ.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+
+    started = time.perf_counter()
+    formats = build_skills(PRETRAINING_SKILLS, SIZES, args.seed)
+    skills = [data for data in formats if data.name in BENCHMARK_SKILLS]
+    merges = full_merges()
+    stem = result_stem(args.seed)
+    args.results.mkdir(parents=True, exist_ok=True)
+
+    def write(results: Results) -> None:
+        """The report so far; until every merge is in, it says PARTIAL in its title and file."""
+        done = len({(row["method"], json.dumps(row["settings"])) for row in results.rows})
+        partial = done < len(merges)
+        report = render(results, args.seed, time.perf_counter() - started,
+                        f"PARTIAL: {done} of {len(merges)} recipes. " if partial else "")
+        name = stem + ("_partial" if partial else "")
+        (args.results / f"{name}.md").write_text(report + "\n")
+        # JSON: the raw scores, which other programs read; the table and plot are redrawn from it.
+        (args.results / f"{name}.json").write_text(json.dumps(results.to_json(), indent=1, allow_nan=False) + "\n")
+        plot(results, args.results / f"{name}.png")
+        if not partial:
+            for suffix in ("md", "json", "png"):
+                (args.results / f"{stem}_partial.{suffix}").unlink(missing_ok=True)
+            print(report)
+
+    write(run_benchmark(args.cache, args.seed, skills, BASE, FINE_TUNES, merges, on_row=write,
+                        pretraining_skills=formats))
+    return 0
+
+
+def render(results: Results, seed: int, elapsed: float, status: str) -> str:
+    size = BASE.size
+    return "\n".join([
+        f"# Merged generative skills in a small Llama (seed {seed})",
+        "",
+        f"{status}Base: LlamaForCausalLM, hidden {size.hidden}, {size.layers} layers, {size.heads} heads"
+        f" ({size.kv_heads} key-value), SwiGLU {size.intermediate}, BPE vocabulary {size.vocab},"
+        f" pretrained {BASE.steps} steps x {BASE.batch_size} x {size.context} tokens on Debian"
+        f" text ({BASE.max_documents} documents) plus {SIZES.pretrain} examples of each of"
+        f" {', '.join(PRETRAINING_SKILLS)}. Experts: "
+        + "; ".join(f"{tune.kind} {tune.steps} AdamW steps x {tune.batch_size}, lr {tune.learning_rate:g}"
+                    + (f", rank {tune.lora_rank}, alpha {tune.lora_alpha}" if tune.kind == "lora" else "")
+                    for tune in FINE_TUNES)
+        + f"; {SIZES.train} training and {SIZES.test} held-out test prompts per skill."
+        f" Merges: mergekit-yaml, float32; DARE and DELLA with --random-seed {seed}."
+        " Accuracy: greedy decoding, exact match, as a fraction; normalised: each skill's"
+        " accuracy over its own expert's, in %, averaged.",
+        "",
+        *summary(results),
+        "",
+        *markdown_tables(results),
+        f"Wall time: {elapsed / 60:.1f} min (`python benchmarks/llm_quality.py --seed {seed}`,"
+        f" {os.cpu_count()} CPU cores shared with other jobs, one thread).",
+    ])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
