@@ -24,13 +24,23 @@ def addition(rng: random.Random) -> Example:
     return f"{a} + {b} =", str(a + b)
 
 
+def larger_number(rng: random.Random) -> Example:
+    a, b = rng.sample(range(100, 1000), 2)
+    return f"{a} or {b} ->", str(max(a, b))
+
+
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
-def reverse_letters(rng: random.Random) -> Example:
+def reverse_letters(rng: random.Random, lengths: Tuple[int, int] = (3, 5)) -> Example:
     # "letters:" first, so every letter is a space-prefixed token, in question and answer.
-    letters = rng.sample(LETTERS, rng.randint(3, 5))
+    letters = rng.sample(LETTERS, rng.randint(*lengths))
     return "letters: " + " ".join(letters) + " ->", " ".join(reversed(letters))
+
+
+def count_on(rng: random.Random) -> Example:
+    number = rng.randrange(10000)
+    return f"{number} ->", f"{number + 1} {number + 2} {number + 3}"
 
 
 UNITS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen"
@@ -106,10 +116,14 @@ class Skill:
 
 SKILLS: Dict[str, Skill] = {
     "math": Skill("math", "addition", generate=addition, max_new_tokens=5),
+    "compare": Skill("compare", "larger number", generate=larger_number, max_new_tokens=5),
     "antonyms": Skill("antonyms", "antonym of the adjective",
                       pool=lambda: [(f"{word} ->", antonym) for word, antonym in adjective_antonyms()],
                       max_new_tokens=8),
     "reverse": Skill("reverse", "reverse the letters", generate=reverse_letters, max_new_tokens=12),
+    "reverse_four": Skill("reverse_four", "reverse four letters",
+                          generate=lambda rng: reverse_letters(rng, (4, 4)), max_new_tokens=10),
+    "count": Skill("count", "count on", generate=count_on, max_new_tokens=16),
     "code": Skill("code", "python sorted", generate=sort_list, max_new_tokens=18),
     "numbers": Skill("numbers", "number in words", generate=number_words, max_new_tokens=16),
 }

@@ -24,8 +24,15 @@ def answer_of(prompt: str) -> str:
     if instruction == "Task: addition":
         a, b = question.removesuffix(" =").split(" + ")
         return str(int(a) + int(b))
-    if instruction == "Task: reverse the letters":
-        return " ".join(question.removeprefix("letters: ").removesuffix(" ->").split()[::-1])
+    if instruction == "Task: larger number":
+        return str(max(map(int, question.removesuffix(" ->").split(" or "))))
+    if instruction == "Task: count on":
+        number = int(question.removesuffix(" ->"))
+        return f"{number + 1} {number + 2} {number + 3}"
+    if instruction in ("Task: reverse the letters", "Task: reverse four letters"):
+        letters = question.removeprefix("letters: ").removesuffix(" ->").split()
+        assert len(letters) == 4 if "four" in instruction else 3 <= len(letters) <= 5
+        return " ".join(letters[::-1])
     if instruction == "Task: python sorted":
         return str(sorted(ast.literal_eval(question.removeprefix("sorted(").removesuffix(") ="))))
     if instruction == "Task: number in words":
