@@ -63,7 +63,8 @@ FINE_TUNES = (FineTune("full", steps=150, learning_rate=3e-4),
 PRETRAINING_SKILLS = ("math", "compare", "reverse", "reverse_four", "count", "code", "numbers")
 BENCHMARK_SKILLS = ("compare", "reverse_four", "code", "numbers")
 SIZES = SkillSizes(pretrain=4000, train=2000, test=200)
-# The share of the experts' skill the best merge must keep before methods are compared
+# The share of the experts' gain over the base (Results.gain_kept) the best merge must keep
+# before methods are compared
 # (WUDI_NOTES: below it every merge answers in one expert's format and nothing is told apart).
 SKILL_KEPT_CHECK = 50.0
 # Methods whose draws are random (DARE's drops, DELLA's): mergekit-yaml --random-seed.
@@ -128,15 +129,32 @@ class Results:
     rows: List[dict]
     # Mean principal-angle cosine between the LoRA adapters' input spaces (llm_experts.adapter_overlap).
     lora_input_overlap: Optional[float] = None
+    wall_time_s: Optional[float] = None  # of the run that measured the rows
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Results":
+        return cls(data["skills"], data["base"], data["experts"], data["rows"],
+                   data.get("lora_input_overlap"), data.get("wall_time_s"))
 
     def own_expert(self, kind: str) -> Scores:
         """Each skill's accuracy in its own expert: the normalisation."""
         return {skill: self.experts[kind][skill][skill] for skill in self.skills}
 
     def to_json(self) -> dict:
-        extra = {} if self.lora_input_overlap is None else {"lora_input_overlap": self.lora_input_overlap}
+        extra = {name: value for name, value in (("lora_input_overlap", self.lora_input_overlap),
+                                                 ("wall_time_s", self.wall_time_s))
+                 if value is not None}
         return {"skills": self.skills, "experts": self.experts, "base": self.base, "rows": self.rows,
                 **extra}
+
+    def gain_kept(self, scores: Scores, kind: str) -> float:
+        """The share of the experts' gain over the base that a merge keeps, in %: summed over
+        skills, (merged - base) / (own expert - base); 0 is the base, 100 the experts. Stricter
+        than the normalised average where the base already has part of a skill, and pooled so
+        that a skill the base nearly has (a small gain) does not swing it."""
+        own = self.own_expert(kind)
+        gained = sum(own[skill] - self.base[skill] for skill in self.skills)
+        return 100.0 * sum(scores[skill] - self.base[skill] for skill in self.skills) / gained
 
 
 def settings_of(recipe: Merge, random_seed: Optional[int]) -> dict:
@@ -222,24 +240,25 @@ def find(results: Results, kind: str, method: str, **settings) -> dict:
 
 def markdown_tables(results: Results) -> List[str]:
     skills = results.skills
-    header = "| " + " | ".join(["model", *skills, "average", "normalised"]) + " |"
-    rule = "|---" * (len(skills) + 3) + "|"
+    header = "| " + " | ".join(["model", *skills, "average", "normalised", "gain kept"]) + " |"
+    rule = "|---" * (len(skills) + 4) + "|"
     lines: List[str] = []
     for kind in results.experts:
         own = results.own_expert(kind)
         lines += [f"### {kind} experts", "", header, rule]
         for skill, scores in results.experts[kind].items():
             lines.append(f"| {skill} expert | " + " | ".join(f"{scores[name]:.3f}" for name in skills)
-                         + f" | {sum(scores.values()) / len(scores):.3f} | |")
+                         + f" | {sum(scores.values()) / len(scores):.3f} | | |")
         base = results.base
         lines.append("| base | " + " | ".join(f"{base[name]:.3f}" for name in skills)
                      + f" | {sum(base.values()) / len(base):.3f} |"
-                     f" {normalised_average(base, own):.1f} |")
+                     f" {normalised_average(base, own):.1f} | 0.0 |")
         rows = sorted((row for row in results.rows if row["experts"] == kind),
                       key=lambda row: -row["normalised"])
         for row in rows:
             lines.append(f"| {label(row)} | " + " | ".join(f"{row['scores'][name]:.3f}" for name in skills)
-                         + f" | {row['average']:.3f} | {row['normalised']:.1f} |")
+                         + f" | {row['average']:.3f} | {row['normalised']:.1f} |"
+                         f" {results.gain_kept(row['scores'], kind):.1f} |")
         lines.append("")
     return lines
 
@@ -251,13 +270,14 @@ def summary(results: Results) -> List[str]:
         rows = [row for row in results.rows if row["experts"] == kind]
         if not rows:
             continue
-        top = max(rows, key=lambda row: row["normalised"])
+        top = max(rows, key=lambda row: results.gain_kept(row["scores"], kind))
+        top_gain = results.gain_kept(top["scores"], kind)
         base = normalised_average(results.base, results.own_expert(kind))
-        kept = top["normalised"] >= SKILL_KEPT_CHECK
         lines.append(
             f"- **{kind} experts.** Check before comparing: the best merge ({label(top)}) keeps"
-            f" {top['normalised']:.1f}% of the experts' skill (base {base:.1f}%):"
-            f" {'passed' if kept else 'FAILED'} (needs {SKILL_KEPT_CHECK:g}%).")
+            f" {top_gain:.1f}% of the experts' gain over the base (normalised {top['normalised']:.1f}%,"
+            f" base {base:.1f}%): {'passed' if round(top_gain, 1) >= SKILL_KEPT_CHECK else 'FAILED'}"
+            f" (needs {SKILL_KEPT_CHECK:g}% of the gain).")
         wudi = [row for row in rows if row["method"] == "wudi"]
         others = [row for row in rows if row["method"] != "wudi"]
         if wudi and others:
@@ -320,6 +340,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="pretraining, fine-tuning, data splits and DARE's draws")
     parser.add_argument("--cache", type=Path, default=CACHE)
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--redraw", action="store_true",
+                        help="only redraw the seed's table and plot from its JSON (no training, no merges)")
     args = parser.parse_args(argv)
     # One thread, here and in mergekit-yaml: models this small gain little from two, and on
     # a shared machine two threads per process spin against each other (30x slower here).
@@ -337,7 +359,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         """The report so far; until every merge is in, it says PARTIAL in its title and file."""
         done = len({(row["method"], json.dumps(row["settings"])) for row in results.rows})
         partial = done < len(merges)
-        report = render(results, args.seed, time.perf_counter() - started,
+        report = render(results, args.seed,
                         f"PARTIAL: {done} of {len(merges)} recipes. " if partial else "")
         name = stem + ("_partial" if partial else "")
         (args.results / f"{name}.md").write_text(report + "\n")
@@ -349,12 +371,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 (args.results / f"{stem}_partial.{suffix}").unlink(missing_ok=True)
             print(report)
 
-    write(run_benchmark(args.cache, args.seed, skills, BASE, FINE_TUNES, merges, on_row=write,
+    if args.redraw:
+        write(Results.from_json(json.loads((args.results / f"{stem}.json").read_text())))
+        return 0
+
+    def timed_write(results: Results) -> None:
+        results.wall_time_s = time.perf_counter() - started
+        write(results)
+
+    write(run_benchmark(args.cache, args.seed, skills, BASE, FINE_TUNES, merges, on_row=timed_write,
                         pretraining_skills=formats))
     return 0
 
 
-def render(results: Results, seed: int, elapsed: float, status: str) -> str:
+def render(results: Results, seed: int, status: str) -> str:
     size = BASE.size
     return "\n".join([
         f"# Merged generative skills in a small Llama (seed {seed})",
@@ -370,13 +400,15 @@ def render(results: Results, seed: int, elapsed: float, status: str) -> str:
         + f"; {SIZES.train} training and {SIZES.test} held-out test prompts per skill."
         f" Merges: mergekit-yaml, float32; DARE and DELLA with --random-seed {seed}."
         " Accuracy: greedy decoding, exact match, as a fraction; normalised: each skill's"
-        " accuracy over its own expert's, in %, averaged.",
+        " accuracy over its own expert's, in %, averaged; gain kept: (merged - base) over"
+        " (own experts - base), accuracies summed over the skills, in %.",
         "",
         *summary(results),
         "",
         *markdown_tables(results),
-        f"Wall time: {elapsed / 60:.1f} min (`python benchmarks/llm_quality.py --seed {seed}`,"
-        f" {os.cpu_count()} CPU cores shared with other jobs, one thread).",
+        f"Wall time: {results.wall_time_s / 60:.1f} min (`python benchmarks/llm_quality.py --seed {seed}`,"
+        f" {os.cpu_count()} CPU cores shared with other jobs, one thread)."
+        if results.wall_time_s is not None else "Wall time: not recorded.",
     ])
 
 
