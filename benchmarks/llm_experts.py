@@ -14,7 +14,7 @@ import hashlib
 import json
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -172,6 +172,21 @@ def adapter_overlap(adapters: Sequence[Path]) -> float:
     overlaps = [row_space_overlap(first[name], second[name]) for name in names
                 for index, first in enumerate(weights) for second in weights[index + 1:]]
     return sum(overlaps) / len(overlaps)
+
+
+def adapter_start_overlap(base: Path, data: SkillData, settings: FineTune, seed: int,
+                          adapter: Path) -> float:
+    """How much of a trained LoRA adapter's input space is its random start: ``row_space_overlap``
+    of its ``lora_A`` with the ``lora_A`` that ``fine_tune`` starts it from, averaged over modules.
+    WUDI reads a task vector's row space as the inputs its expert sees; near 1, LoRA's row space
+    is still the random start's."""
+    import peft
+    from safetensors.torch import load_file
+
+    start = peft.get_peft_model_state_dict(fine_tune(base, data, replace(settings, steps=0), seed))
+    trained = load_file(Path(adapter) / "adapter_model.safetensors")
+    names = sorted(name for name in trained if "lora_A" in name)
+    return sum(row_space_overlap(trained[name], start[name]) for name in names) / len(names)
 
 
 def load_model(reference: str):

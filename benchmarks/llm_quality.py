@@ -38,6 +38,7 @@ from benchmarks.llm_experts import (  # noqa: E402
     Family,
     FineTune,
     adapter_overlap,
+    adapter_start_overlap,
     prepare_family,
     score,
 )
@@ -129,12 +130,15 @@ class Results:
     rows: List[dict]
     # Mean principal-angle cosine between the LoRA adapters' input spaces (llm_experts.adapter_overlap).
     lora_input_overlap: Optional[float] = None
+    # ... and between each adapter's trained lora_A and its random start (adapter_start_overlap).
+    lora_start_overlap: Optional[float] = None
     wall_time_s: Optional[float] = None  # of the run that measured the rows
 
     @classmethod
     def from_json(cls, data: dict) -> "Results":
         return cls(data["skills"], data["base"], data["experts"], data["rows"],
-                   data.get("lora_input_overlap"), data.get("wall_time_s"))
+                   data.get("lora_input_overlap"), data.get("lora_start_overlap"),
+                   data.get("wall_time_s"))
 
     def own_expert(self, kind: str) -> Scores:
         """Each skill's accuracy in its own expert: the normalisation."""
@@ -142,6 +146,7 @@ class Results:
 
     def to_json(self) -> dict:
         extra = {name: value for name, value in (("lora_input_overlap", self.lora_input_overlap),
+                                                 ("lora_start_overlap", self.lora_start_overlap),
                                                  ("wall_time_s", self.wall_time_s))
                  if value is not None}
         return {"skills": self.skills, "experts": self.experts, "base": self.base, "rows": self.rows,
@@ -177,9 +182,15 @@ def run_benchmark(cache: Path, seed: int, skills: Sequence[SkillData], base: Bas
     names = [data.name for data in skills]
     results = Results(names, score(str(family.base), family, skills), {}, [])
     if "lora" in family.experts:
-        results.lora_input_overlap = adapter_overlap(
-            [Path(reference.split("+")[1]) for reference in family.experts["lora"].values()])
-        log(f"LoRA adapters' input overlap: {results.lora_input_overlap:.3f}")
+        adapters = {skill: Path(reference.split("+")[1])
+                    for skill, reference in family.experts["lora"].items()}
+        lora = next(settings for settings in fine_tunes if settings.kind == "lora")
+        results.lora_input_overlap = adapter_overlap(list(adapters.values()))
+        results.lora_start_overlap = sum(
+            adapter_start_overlap(family.base, data, lora, seed, adapters[data.name])
+            for data in skills) / len(skills)
+        log(f"LoRA adapters' input overlap: {results.lora_input_overlap:.3f} between skills,"
+            f" {results.lora_start_overlap:.3f} with their random start")
     for kind, experts in family.experts.items():
         results.experts[kind] = {skill: score(reference, family, skills)
                                  for skill, reference in experts.items()}
@@ -296,7 +307,10 @@ def summary(results: Results) -> List[str]:
             pass
         if kind == "lora" and results.lora_input_overlap is not None:
             lines.append(f"  The adapters' input spaces overlap {results.lora_input_overlap:.3f}"
-                         " (mean principal-angle cosine of their lora_A; 1 = the same directions).")
+                         " between skills (mean principal-angle cosine of their lora_A; 1 = the same"
+                         " directions)"
+                         + (f" and {results.lora_start_overlap:.3f} with their random start"
+                            if results.lora_start_overlap is not None else "") + ".")
     return lines
 
 

@@ -7,7 +7,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from benchmarks.llm_experts import FineTune, adapter_overlap, fine_tune, row_space_overlap
+from benchmarks.llm_experts import (
+    FineTune,
+    adapter_overlap,
+    adapter_start_overlap,
+    fine_tune,
+    row_space_overlap,
+)
 from benchmarks.llm_skills import SkillSizes, build_skills
 from benchmarks.pretrain import TINY, train_tokenizer
 
@@ -79,3 +85,13 @@ def test_lora_adapters_start_apart_per_skill_and_repeat_per_seed(tiny_base):
     # not in one shared space (1.0).
     assert max(overlaps) < 0.8 and sum(overlaps) / len(overlaps) < 2 * math.sqrt(8 / 64)
     assert not any(torch.equal(again_other_seed[name], starts["code"][name]) for name in starts["code"])
+
+
+def test_adapter_start_overlap_is_one_untrained_and_falls_as_training_moves_a(tiny_base, tmp_path):
+    (code,) = build_skills(["code"], SkillSizes(pretrain=0, train=40, test=1), 0)
+    for steps, learning_rate, name in ((0, 1e-3, "untrained"), (20, 0.05, "moved")):
+        settings = FineTune("lora", steps=steps, batch_size=4, learning_rate=learning_rate)
+        fine_tune(tiny_base, code, settings, seed=0).save_pretrained(tmp_path / name)
+    untrained = FineTune("lora", steps=0, batch_size=4)
+    assert adapter_start_overlap(tiny_base, code, untrained, 0, tmp_path / "untrained") == pytest.approx(1.0)
+    assert adapter_start_overlap(tiny_base, code, untrained, 0, tmp_path / "moved") < 0.95
