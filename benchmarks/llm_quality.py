@@ -21,6 +21,7 @@ import json
 import math
 import os
 import shutil
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -232,6 +233,32 @@ def merge_and_score(recipe: Merge, view: quality_tasks.Family, family: Family,
         shutil.rmtree(out)  # only the scores are kept
 
 
+def interference_report(family: Family, scratch: Path) -> str:
+    """``mergekit-wudi-report`` on the WUDI recipe (defaults) of each expert kind: its summary,
+    under a heading per kind. Eq. 21's interference, with no data, next to what the merges lost."""
+    import yaml
+
+    sections = []
+    for kind, experts in family.experts.items():
+        recipe = scratch / f"report-{kind}.yml"
+        recipe.parent.mkdir(parents=True, exist_ok=True)
+        recipe.write_text(yaml.safe_dump(merge("wudi").config(
+            quality_tasks.Family(family.base, experts, {})), sort_keys=False))
+        adapters = any("+" in model for model in experts.values())
+        completed = subprocess.run(
+            [quality_tasks.console_script("mergekit-wudi-report"), str(recipe), str(scratch / f"report-{kind}"),
+             *(["--lora-merge-cache", str(scratch / "lora"), "--lora-merge-dtype", "float32"]
+               if adapters else [])],
+            capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
+        if completed.returncode != 0:
+            raise RuntimeError(f"mergekit-wudi-report on the {kind} experts failed"
+                               f" (exit {completed.returncode}):\n{completed.stderr[-3000:]}")
+        summary_lines = [line for line in completed.stdout.splitlines() if not line.startswith("Wrote")]
+        sections += [f"## {kind} experts", "", *summary_lines, ""]
+    return "\n".join(sections)
+
+
 def label(row: Mapping) -> str:
     return row["method"] + "".join(f" {name}={value:g}" if isinstance(value, float)
                                    else f" {name}={value}"
@@ -356,6 +383,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--redraw", action="store_true",
                         help="only redraw the seed's table and plot from its JSON (no training, no merges)")
+    parser.add_argument("--report", action="store_true",
+                        help="only run mergekit-wudi-report on the seed's WUDI recipes (base and"
+                        " experts trained or reused from the cache), into <results>/<name>_report.txt")
     args = parser.parse_args(argv)
     # One thread, here and in mergekit-yaml: models this small gain little from two, and on
     # a shared machine two threads per process spin against each other (30x slower here).
@@ -387,6 +417,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     if args.redraw:
         write(Results.from_json(json.loads((args.results / f"{stem}.json").read_text())))
+        return 0
+    if args.report:
+        family = prepare_family(args.cache, args.seed, BASE, FINE_TUNES, skills, print, formats)
+        text = interference_report(family, args.cache / f"report-seed{args.seed}")
+        (args.results / f"{stem}_report.txt").write_text(
+            f"# mergekit-wudi-report on the WUDI recipes (defaults) of seed {args.seed}"
+            f" (`python benchmarks/llm_quality.py --seed {args.seed} --report`)\n\n{text}")
+        print(text)
         return 0
 
     def timed_write(results: Results) -> None:

@@ -14,8 +14,8 @@ import pytest
 
 from benchmarks import pretrain
 from benchmarks.pretrain import TINY
-from benchmarks.llm_experts import BaseSettings, FineTune
-from benchmarks.llm_quality import find, merge, run_benchmark
+from benchmarks.llm_experts import BaseSettings, FineTune, prepare_family
+from benchmarks.llm_quality import find, interference_report, merge, run_benchmark
 from benchmarks.llm_skills import SkillSizes, build_skills
 
 MISSING = not (pretrain.WORDNET / "data.noun").exists() or not pretrain.FORTUNES_LIST.exists()
@@ -69,3 +69,9 @@ def test_wudi_keeps_more_skill_than_task_arithmetic(tmp_path, one_thread):
     assert sorted((row["experts"], row["method"]) for row in results.rows) == [
         ("full", "task_arithmetic"), ("full", "wudi"), ("lora", "task_arithmetic"), ("lora", "wudi")]
     assert all(set(row["scores"]) == set(SKILL_NAMES) for row in results.rows)
+
+    # The interference report runs on the same cached experts, one section per kind.
+    family = prepare_family(tmp_path, 0, BASE, FINE_TUNES, skills)
+    report = interference_report(family, tmp_path / "report")
+    assert report.startswith("## full experts") and "## lora experts" in report
+    assert report.count("WUDI removes") == 2, report
