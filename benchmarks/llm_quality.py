@@ -341,6 +341,33 @@ def summary(results: Results) -> List[str]:
     return lines
 
 
+def seeds_table(by_seed: Mapping[int, Results]) -> List[str]:
+    """One markdown table across seeds: per recipe, normalised average and gain kept for each
+    expert kind and seed, sorted by the full fine-tunes' mean normalised score."""
+    seeds = sorted(by_seed)
+    kinds = [kind for kind in ("full", "lora") if all(kind in by_seed[seed].experts for seed in seeds)]
+    columns = [(kind, seed) for kind in kinds for seed in seeds]
+    recipes: Dict[str, Dict[tuple, str]] = {}
+    means: Dict[str, float] = {}
+    for kind, seed in columns:
+        results = by_seed[seed]
+        cells = {"base": f"{normalised_average(results.base, results.own_expert(kind)):.1f} (0)"}
+        for row in results.rows:
+            if row["experts"] == kind:
+                cells[label(row)] = (f"{row['normalised']:.1f}"
+                                     f" ({results.gain_kept(row['scores'], kind):.0f})")
+                if kind == kinds[0]:
+                    means[label(row)] = means.get(label(row), 0.0) + row["normalised"] / len(seeds)
+        for name, cell in cells.items():
+            recipes.setdefault(name, {})[kind, seed] = cell
+    order = sorted((name for name in recipes if name != "base"), key=lambda name: -means.get(name, 0.0))
+    lines = ["| recipe | " + " | ".join(f"{kind}, seed {seed}" for kind, seed in columns) + " |",
+             "|---" * (len(columns) + 1) + "|"]
+    for name in [*order, "base"]:
+        lines.append(f"| `{name}` | " + " | ".join(recipes[name].get(column, "") for column in columns) + " |")
+    return lines
+
+
 def plot(results: Results, path: Path) -> None:
     import matplotlib
 
@@ -383,6 +410,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--redraw", action="store_true",
                         help="only redraw the seed's table and plot from its JSON (no training, no merges)")
+    parser.add_argument("--table", type=int, nargs="+", metavar="SEED",
+                        help="only write <results>/llm_quality_seeds.md: every recipe's normalised"
+                        " average (gain kept) across these seeds' JSON files")
     parser.add_argument("--report", action="store_true",
                         help="only run mergekit-wudi-report on the seed's WUDI recipes (base and"
                         " experts trained or reused from the cache), into <results>/<name>_report.txt")
@@ -415,6 +445,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 (args.results / f"{stem}_partial.{suffix}").unlink(missing_ok=True)
             print(report)
 
+    if args.table:
+        by_seed = {seed: Results.from_json(json.loads((args.results / f"{result_stem(seed)}.json").read_text()))
+                   for seed in args.table}
+        table = "\n".join([
+            f"# Merged generative skills across seeds {', '.join(map(str, sorted(by_seed)))}", "",
+            "Normalised average (% of each skill's own expert), with the share of the experts' gain"
+            " over the base kept in brackets (%); from `python benchmarks/llm_quality.py --table"
+            f" {' '.join(map(str, args.table))}`.", "", *seeds_table(by_seed)])
+        (args.results / "llm_quality_seeds.md").write_text(table + "\n")
+        print(table)
+        return 0
     if args.redraw:
         write(Results.from_json(json.loads((args.results / f"{stem}.json").read_text())))
         return 0

@@ -62,3 +62,18 @@ def test_redraw_rewrites_the_report_from_the_json_alone(tmp_path, monkeypatch):
     assert "| wudi | 0.700 | 0.300 | 0.500 | 63.9 | 50.0 |" in report
     assert json.loads((tmp_path / "llm_quality_seed3.json").read_text()) == results.to_json()
     assert (tmp_path / "llm_quality_seed3.png").read_text() == "plot"
+
+
+def test_seeds_table_lines_up_recipes_across_seeds(tmp_path):
+    other = hand_made()
+    other.rows = [dict(row, normalised=row["normalised"] - 10) for row in other.rows]
+    for seed, results in ((0, hand_made()), (5, other)):
+        (tmp_path / f"{llm_quality.result_stem(seed)}.json").write_text(json.dumps(results.to_json()))
+    assert llm_quality.main(["--results", str(tmp_path), "--table", "0", "5"]) == 0
+    table = (tmp_path / "llm_quality_seeds.md").read_text().splitlines()
+    assert "| recipe | full, seed 0 | full, seed 5 |" in table
+    # Sorted by the mean over seeds; each cell is the normalised average (gain kept).
+    rows = [line for line in table if line.startswith("| `")]
+    assert rows == ["| `wudi` | 63.9 (50) | 53.9 (50) |",
+                    "| `task_arithmetic lambda=1` | 36.1 (10) | 26.1 (10) |",
+                    "| `base` | 27.8 (0) | 27.8 (0) |"]
