@@ -376,7 +376,7 @@ def plot(results: Results, path: Path) -> None:
 
     kinds = list(results.experts)
     count = max(sum(row["experts"] == kind for row in results.rows) for kind in kinds)
-    figure, axes = plt.subplots(1, len(kinds), figsize=(7 * len(kinds), 0.28 * count + 1.5),
+    figure, axes = plt.subplots(1, len(kinds), figsize=(8 * len(kinds), 0.28 * count + 1.5),
                                 squeeze=False)
     for axis, kind in zip(axes[0], kinds):
         rows = sorted((row for row in results.rows if row["experts"] == kind),
@@ -394,7 +394,7 @@ def plot(results: Results, path: Path) -> None:
         axis.legend(loc="lower right", fontsize=8)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=110, bbox_inches="tight")  # long recipe labels stay whole
     plt.close(figure)
 
 
