@@ -153,6 +153,19 @@ def prepare_family(cache: Path, seed: int, base_settings: BaseSettings,
     return family
 
 
+def adapter_of(reference: str) -> Optional[Path]:
+    """The adapter directory of a ``base+adapter`` reference; None for a model directory."""
+    return Path(reference.split("+")[1]) if "+" in reference else None
+
+
+def lora_a(adapter: Path) -> Dict[str, torch.Tensor]:
+    """A saved LoRA adapter's ``lora_A`` matrices, by name."""
+    from safetensors.torch import load_file
+
+    return {name: matrix for name, matrix in load_file(Path(adapter) / "adapter_model.safetensors").items()
+            if "lora_A" in name}
+
+
 def row_space_overlap(first: torch.Tensor, second: torch.Tensor) -> float:
     """Mean cosine of the principal angles between the row spaces of two ``[rank, in]``
     matrices: 1 when they span the same input directions, about sqrt(rank / in) at random."""
@@ -163,10 +176,8 @@ def row_space_overlap(first: torch.Tensor, second: torch.Tensor) -> float:
 def adapter_overlap(adapters: Sequence[Path]) -> float:
     """How much LoRA adapters share the input directions they read: ``row_space_overlap``
     of their ``lora_A`` matrices, averaged over modules and pairs of adapters."""
-    from safetensors.torch import load_file
-
-    weights = [load_file(Path(adapter) / "adapter_model.safetensors") for adapter in adapters]
-    names = sorted(name for name in weights[0] if "lora_A" in name)
+    weights = [lora_a(adapter) for adapter in adapters]
+    names = sorted(weights[0])
     if len(weights) < 2 or not names:
         raise ValueError(f"adapter_overlap needs two or more LoRA adapters, got {list(adapters)}")
     overlaps = [row_space_overlap(first[name], second[name]) for name in names
@@ -181,22 +192,21 @@ def adapter_start_overlap(base: Path, data: SkillData, settings: FineTune, seed:
     WUDI reads a task vector's row space as the inputs its expert sees; near 1, LoRA's row space
     is still the random start's."""
     import peft
-    from safetensors.torch import load_file
 
     start = peft.get_peft_model_state_dict(fine_tune(base, data, replace(settings, steps=0), seed))
-    trained = load_file(Path(adapter) / "adapter_model.safetensors")
-    names = sorted(name for name in trained if "lora_A" in name)
-    return sum(row_space_overlap(trained[name], start[name]) for name in names) / len(names)
+    trained = lora_a(adapter)
+    return sum(row_space_overlap(matrix, start[name]) for name, matrix in trained.items()) / len(trained)
 
 
 def load_model(reference: str):
     """A causal LM from a directory or a ``base+adapter`` reference (adapter merged in)."""
     from transformers import LlamaForCausalLM
 
-    if "+" in reference:
+    adapter = adapter_of(reference)
+    if adapter is not None:
         import peft
 
-        base, adapter = reference.split("+")
+        base = reference.split("+")[0]
         return peft.PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base), adapter)\
             .merge_and_unload().eval()
     model, info = LlamaForCausalLM.from_pretrained(reference, output_loading_info=True)

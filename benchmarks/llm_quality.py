@@ -38,6 +38,7 @@ from benchmarks.llm_experts import (  # noqa: E402
     BaseSettings,
     Family,
     FineTune,
+    adapter_of,
     adapter_overlap,
     adapter_start_overlap,
     prepare_family,
@@ -55,10 +56,9 @@ DEFAULT_SEED = 0
 
 # The base reads seven prompt formats (WUDI_NOTES: a base that already reads them keeps the
 # experts' updates small): pretraining mixes 4,000 examples of each into 30,000 Debian
-# documents. The merges are scored on the four skills that 150 small steps teach its experts
-# (addition needs about 500 steps at lr 1e-3, and merges of such experts keep under 6 %;
-# counting on stayed under 10 %; docs/llm-merges.md). Seeing reversal in two formats in
-# pretraining is what made letter reversal learnable in 150 steps (6 % without, 98 % with).
+# documents. The merges are scored on the four skills that 150 small steps teach its experts:
+# benchmarks/llm_pilots.py runs the variants rejected (addition, reversing 3-5 letters, 300
+# steps), whose experts either do not learn or cannot be merged (docs/llm-merges.md).
 BASE = BaseSettings(FULL, steps=1500, max_documents=30_000)
 FINE_TUNES = (FineTune("full", steps=150, learning_rate=3e-4),
               FineTune("lora", steps=150, learning_rate=2e-3))
@@ -134,24 +134,22 @@ class Results:
     # ... and between each adapter's trained lora_A and its random start (adapter_start_overlap).
     lora_start_overlap: Optional[float] = None
     wall_time_s: Optional[float] = None  # of the run that measured the rows
+    # In the JSON only when measured.
+    OPTIONAL = ("lora_input_overlap", "lora_start_overlap", "wall_time_s")
 
     @classmethod
     def from_json(cls, data: dict) -> "Results":
         return cls(data["skills"], data["base"], data["experts"], data["rows"],
-                   data.get("lora_input_overlap"), data.get("lora_start_overlap"),
-                   data.get("wall_time_s"))
+                   **{name: data.get(name) for name in cls.OPTIONAL})
 
     def own_expert(self, kind: str) -> Scores:
         """Each skill's accuracy in its own expert: the normalisation."""
         return {skill: self.experts[kind][skill][skill] for skill in self.skills}
 
     def to_json(self) -> dict:
-        extra = {name: value for name, value in (("lora_input_overlap", self.lora_input_overlap),
-                                                 ("lora_start_overlap", self.lora_start_overlap),
-                                                 ("wall_time_s", self.wall_time_s))
-                 if value is not None}
+        measured = {name: getattr(self, name) for name in self.OPTIONAL if getattr(self, name) is not None}
         return {"skills": self.skills, "experts": self.experts, "base": self.base, "rows": self.rows,
-                **extra}
+                **measured}
 
     def gain_kept(self, scores: Scores, kind: str) -> float:
         """The share of the experts' gain over the base that a merge keeps, in %: summed over
@@ -183,8 +181,7 @@ def run_benchmark(cache: Path, seed: int, skills: Sequence[SkillData], base: Bas
     names = [data.name for data in skills]
     results = Results(names, score(str(family.base), family, skills), {}, [])
     if "lora" in family.experts:
-        adapters = {skill: Path(reference.split("+")[1])
-                    for skill, reference in family.experts["lora"].items()}
+        adapters = {skill: adapter_of(reference) for skill, reference in family.experts["lora"].items()}
         lora = next(settings for settings in fine_tunes if settings.kind == "lora")
         results.lora_input_overlap = adapter_overlap(list(adapters.values()))
         results.lora_start_overlap = sum(
@@ -221,12 +218,16 @@ def check_learnt(kind: str, own: Scores, base: Scores) -> None:
                            f" base {base}): nothing to merge")
 
 
+def lora_merge_cache(experts: Mapping[str, str], scratch: Path) -> Optional[Path]:
+    """Where mergekit applies the ``base+adapter`` experts; None when there are none."""
+    return scratch / "lora" if any(adapter_of(model) for model in experts.values()) else None
+
+
 def merge_and_score(recipe: Merge, view: quality_tasks.Family, family: Family,
                     skills: Sequence[SkillData], scratch: Path, seed: int) -> Scores:
     random_seed = seed if recipe.method in RANDOM_METHODS else None
-    adapters = any("+" in model for model in view.experts.values())
     out = quality_tasks.run_merge(recipe, view, scratch / "model", random_seed,
-                                  scratch / "lora" if adapters else None)
+                                  lora_merge_cache(view.experts, scratch))
     try:
         return score(str(out), family, skills)
     finally:
@@ -244,11 +245,9 @@ def interference_report(family: Family, scratch: Path) -> str:
         recipe.parent.mkdir(parents=True, exist_ok=True)
         recipe.write_text(yaml.safe_dump(merge("wudi").config(
             quality_tasks.Family(family.base, experts, {})), sort_keys=False))
-        adapters = any("+" in model for model in experts.values())
         completed = subprocess.run(
             [quality_tasks.console_script("mergekit-wudi-report"), str(recipe), str(scratch / f"report-{kind}"),
-             *(["--lora-merge-cache", str(scratch / "lora"), "--lora-merge-dtype", "float32"]
-               if adapters else [])],
+             *quality_tasks.lora_merge_options(lora_merge_cache(experts, scratch))],
             capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
         )
         if completed.returncode != 0:

@@ -456,6 +456,12 @@ def console_script(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
 
+def lora_merge_options(cache: Optional[Path]) -> List[str]:
+    """mergekit's options for ``base+adapter`` experts (applied in float32 into ``cache``);
+    none without a cache."""
+    return [] if cache is None else ["--lora-merge-cache", str(cache), "--lora-merge-dtype", "float32"]
+
+
 def run_merge(merge: Merge, family: Family, out: Path, random_seed: Optional[int] = None,
               lora_merge_cache: Optional[Path] = None) -> Path:
     """Run ``mergekit-yaml`` on ``merge`` (``--random-seed`` if given, for DARE's draws;
@@ -472,8 +478,7 @@ def run_merge(merge: Merge, family: Family, out: Path, random_seed: Optional[int
         [console_script("mergekit-yaml"), str(config_file), str(out), "--quiet",
          "--no-write-model-card", "--no-copy-tokenizer", "-j", "2",
          *(["--random-seed", str(random_seed)] if random_seed is not None else []),
-         *(["--lora-merge-cache", str(lora_merge_cache), "--lora-merge-dtype", "float32"]
-           if lora_merge_cache is not None else [])],
+         *lora_merge_options(lora_merge_cache)],
         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     if completed.returncode != 0 or not list(out.glob("*.safetensors")):
